@@ -1,0 +1,50 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The benchmark script runs (CPU smoke mode), and the CPU fast path gives the eager numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import REPO_ROOT
+from scripts.acceleration import freeze_for_cpu_inference
+from scripts.network import LCADBInference
+
+
+def test_frozen_cpu_inference_matches_eager_for_module_and_torchscript():
+    torch.manual_seed(0)
+    network = LCADBInference(return_attention=True, widen_factor=0.125, roi_size=(64, 64, 8)).eval()
+    x = torch.randn(2, 8, 64, 64, 8)
+    with torch.no_grad():
+        eager = network(x)
+        for model in (network, torch.jit.trace(network, x)):
+            frozen = freeze_for_cpu_inference(model, x)
+            for ours, theirs in zip(frozen(x), eager):
+                torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert network.training is False and any(p.requires_grad for p in network.parameters())
+
+
+def test_benchmark_smoke_mode(tmp_path):
+    result_file = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "benchmark.py"), "--smoke", "--json", str(result_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(result_file.read_text())["results"]
+    assert [r["task"] for r in results] == ["train", "infer", "infer"]
+    assert all(r["speedup"] > 0 for r in results)
+    assert all(r["same_class"] and r["max_abs_probability_difference"] < 1e-4 for r in results[1:])
