@@ -12,7 +12,8 @@
 
 Training step (forward, every loss term, backward, Adam) and inference (batch throughput, batch-1
 latency). Ours is bf16 autocast + channels_last_3d (+ torch.compile with --compile) on CUDA and a
-frozen TorchScript graph with BatchNorm folded on the CPU. Timings alternate between the two
+frozen TorchScript graph with BatchNorm folded and the full-resolution IA-Net
+stem and stage 1 in bf16 on the CPU. Timings alternate between the two
 executions (A B A B ...) and report medians, so a busy machine slows both alike.
 
     python benchmarks/benchmark.py --device cuda                      # paper configuration
@@ -33,7 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-from scripts.acceleration import freeze_for_cpu_inference, gpu_autocast, to_channels_last  # noqa: E402
+from scripts.acceleration import (  # noqa: E402
+    FULL_RESOLUTION_MODULES,
+    freeze_for_cpu_inference,
+    gpu_autocast,
+    to_channels_last,
+)
 from scripts.loss import LCADBLoss  # noqa: E402
 from scripts.network import LCADB, LCADBInference  # noqa: E402
 
@@ -134,7 +140,7 @@ def benchmark_inference(network_kwargs: dict, batch: int, device: torch.device, 
                 return ours_forward(x_ours).float()
 
     else:
-        frozen = freeze_for_cpu_inference(network, x)
+        frozen = freeze_for_cpu_inference(network, x, FULL_RESOLUTION_MODULES)
 
         def ours():
             return frozen(x)

@@ -16,9 +16,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO_ROOT
-from scripts.acceleration import freeze_for_cpu_inference
+from scripts.acceleration import FULL_RESOLUTION_MODULES, freeze_for_cpu_inference
 from scripts.network import LCADBInference
 
 
@@ -32,7 +33,19 @@ def test_frozen_cpu_inference_matches_eager_for_module_and_torchscript():
             frozen = freeze_for_cpu_inference(model, x)
             for ours, theirs in zip(frozen(x), eager):
                 torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-    assert network.training is False and any(p.requires_grad for p in network.parameters())
+        reduced = freeze_for_cpu_inference(network, x, FULL_RESOLUTION_MODULES)(x)
+    torch.testing.assert_close(reduced[0], eager[0], atol=1e-3, rtol=0)
+    assert torch.equal(reduced[0].argmax(1), eager[0].argmax(1))
+    assert isinstance(network.image_branch.stem, torch.nn.Sequential), "the input model must stay unchanged"
+
+
+def test_reduced_precision_needs_known_modules_of_an_nn_module():
+    network = LCADBInference(widen_factor=0.125, roi_size=(64, 64, 8)).eval()
+    x = torch.randn(1, 8, 64, 64, 8)
+    with pytest.raises(ValueError, match="'image_branch.nowhere' is not a submodule"):
+        freeze_for_cpu_inference(network, x, ["image_branch.nowhere"])
+    with pytest.raises(TypeError, match="bfloat16_modules"):
+        freeze_for_cpu_inference(torch.jit.trace(network, x), x, FULL_RESOLUTION_MODULES)
 
 
 def test_benchmark_smoke_mode(tmp_path):
@@ -47,4 +60,4 @@ def test_benchmark_smoke_mode(tmp_path):
     results = json.loads(result_file.read_text())["results"]
     assert [r["task"] for r in results] == ["train", "infer", "infer"]
     assert all(r["speedup"] > 0 for r in results)
-    assert all(r["same_class"] and r["max_abs_probability_difference"] < 1e-4 for r in results[1:])
+    assert all(r["same_class"] and r["max_abs_probability_difference"] < 1e-3 for r in results[1:])
