@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +35,15 @@ def bundle_root() -> Path:
 @pytest.fixture(scope="session")
 def test_data() -> Path:
     return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def dciodvfy() -> str:
+    """Path of dicom3tools' ``dciodvfy``; installs Debian ``dicom3tools`` with apt-get (as root) when missing."""
+    path = shutil.which("dciodvfy")
+    if path is None:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "dicom3tools"], check=True, capture_output=True)
+        path = shutil.which("dciodvfy")
+    assert path is not None, "dciodvfy not found after installing dicom3tools"
+    return path

@@ -1,0 +1,719 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Synthetic 8-phase liver-lesion data: the embedded default dataset of the bundle, multi-site federated sets,
+the LLD-MMRI released layout, and (through :mod:`.synthetic_dicom`) DICOM studies.
+
+Every output is drawn from one phantom core (``_synth_phantom``): lesions of the 7 LLD-MMRI classes with the
+per-phase enhancement patterns of issue 3, per-patient jitter, Rician noise, bias field, misregistration, partial
+volume, atypical cases and site profiles. Everything is deterministic by ``seed`` (``numpy.random.Generator``
+seeded per case, never the global generator).
+
+Command line: ``python -m scripts.synthetic --help`` (or ``lcadb-synth``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import _synth_phantom as core
+from ._synth_io import CaseRecord, atomic_directory, stratified_folds, write_classification_index, write_nifti
+from ._synth_phantom import SITE_PROFILES, SiteProfile, get_site
+from .constants import LESION_CLASSES, PHASE_FILE_NAMES, PHASES, ROI_MARGIN
+from .roi import box_from_mask, crop_lesion_roi, roi_slices
+
+__all__ = [
+    "DEFAULT_DATASET_NAME",
+    "DEFAULT_DATASET_SPEC",
+    "SITE_PROFILES",
+    "SiteProfile",
+    "SynthOptions",
+    "default_dataset",
+    "generate_dataset",
+    "generate_federated_datasets",
+    "main",
+    "render_case",
+    "site_class_counts",
+    "write_released_layout",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Folder name of the embedded default dataset inside the cache folder; bump the version when the model changes.
+DEFAULT_DATASET_NAME = "synthetic-v1"
+
+#: The embedded default dataset: 7 classes x 50 cases (40 training in 5 folds + 10 test per class), all sites.
+DEFAULT_DATASET_SPEC: dict = {
+    "num_cases_per_class": 50,
+    "seed": 20240601,
+    "site": ("site_a", "site_b", "site_c"),
+    "test_fraction": 0.2,
+    "size_range_mm": (8.0, 40.0),
+}
+
+_SITE_INDEX = {name: i for i, name in enumerate(sorted(SITE_PROFILES))}
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """Appearance knobs of the generator (documented in docs/data.md).
+
+    Args:
+        atypical_fraction: fraction of lesions drawn with their class's atypical pattern; default 0.1.
+        size_range_mm: clip range of the lesion diameter; default (5, 60).
+        jitter: log-sd of the per-patient per-phase lesion level jitter; default 0.1.
+        misregistration_mm: maximum inter-phase shift (mm); None = site default (1.5-2.5).
+        noise_scale: multiplies the site's Rician noise; default 1.
+        partial_volume: average sub-slices over the slice thickness; default True.
+    """
+
+    atypical_fraction: float = 0.1
+    size_range_mm: tuple[float, float] = (5.0, 60.0)
+    jitter: float = 0.1
+    misregistration_mm: float | None = None
+    noise_scale: float = 1.0
+    partial_volume: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.atypical_fraction <= 1.0:
+            raise ValueError(f"atypical_fraction must be in [0, 1], got {self.atypical_fraction}.")
+        lo, hi = self.size_range_mm
+        if not 0 < lo <= hi:
+            raise ValueError(f"size_range_mm must satisfy 0 < min <= max, got {self.size_range_mm}.")
+        if self.jitter < 0 or self.noise_scale < 0:
+            raise ValueError(f"jitter and noise_scale must be >= 0, got {self.jitter} and {self.noise_scale}.")
+        if self.misregistration_mm is not None and self.misregistration_mm < 0:
+            raise ValueError(f"misregistration_mm must be >= 0 or None, got {self.misregistration_mm}.")
+
+    def site(self, site: SiteProfile) -> SiteProfile:
+        """The site profile with this noise scale applied."""
+        if self.noise_scale == 1.0:
+            return site
+        from dataclasses import replace
+
+        return replace(site, noise=site.noise * self.noise_scale)
+
+
+def _tqdm(iterable, **kwargs):
+    from monai.utils import optional_import
+
+    tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+    return tqdm(iterable, **kwargs) if has_tqdm else iterable
+
+
+def _case_rng(seed: int, site: str, label: int, k: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), _SITE_INDEX.get(site, 99), int(label), int(k)])
+
+
+# ------------------------------------------------------------------------------------------- one case
+def render_case(
+    rng: np.random.Generator, label: int, site: str | SiteProfile = "site_a", options: SynthOptions | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Render the 8 lesion ROI crops of one case (one lesion, one patient).
+
+    Each phase is sampled on a small window around the lesion at the site's resolution (DWI coarser), the lesion
+    box is measured on that phase (misregistration included) and the ROI is cut with :func:`crop_lesion_roi`
+    and the LLD-MMRI margins.
+
+    Returns:
+        ``({phase: (crop [X, Y, Z] float32, RAS affine 4x4)}, metadata dict)``.
+    """
+    options = options or SynthOptions()
+    prof = options.site(get_site(site))
+    phantom = core.sample_phantom(rng, prof)
+    lesion = core.sample_lesion(
+        rng,
+        label,
+        prof,
+        size_range_mm=options.size_range_mm,
+        atypical_fraction=options.atypical_fraction,
+        jitter=options.jitter,
+    )
+    extent = float(lesion.radii.max() * (1.0 + lesion.lobe_amp.sum()))
+    lesion.centre = core.place_lesion_centre(rng, phantom, extent)
+    phantom.lesions.append(lesion)
+    mis = prof.misregistration_mm if options.misregistration_mm is None else options.misregistration_mm
+    phantom.shifts = core.sample_phase_shifts(rng, mis)
+    out = {}
+    for phase in PHASES:
+        if phase == "DWI":
+            sp = prof.pixel_spacing * prof.dwi_spacing_factor
+            spacing = (sp, sp, prof.dwi_thickness)
+        else:
+            spacing = (prof.pixel_spacing, prof.pixel_spacing, prof.slice_thickness)
+        half = [extent + mis + (m + 0.5) * s for m, s in zip(ROI_MARGIN, spacing)]
+        grid = core.window_grid(lesion.centre + phantom.shifts[phase], half, spacing)
+        pv = None if options.partial_volume else 1
+        masks: list[np.ndarray] = []
+        image = core.render_phase(phantom, phase, grid, rng, partial_volume=pv, masks=masks)
+        mask = masks[0]
+        if mask.any():
+            box = box_from_mask(mask)
+        else:  # lesion smaller than a voxel of this phase: box the voxel at its centre
+            idx = np.clip(np.rint(grid.to_index(lesion.centre + phantom.shifts[phase])), 0, np.asarray(grid.shape) - 1)
+            i, j, k = (int(v) for v in idx)
+            box = (i, j, k, i + 1, j + 1, k + 1)
+        crop = crop_lesion_roi(image, box, ROI_MARGIN)
+        (sx, sy, sz), _ = roi_slices(box, grid.shape, ROI_MARGIN)
+        affine = grid.affine_ras()
+        affine[:3, 3] = affine[:3, :3] @ np.array([sx.start, sy.start, sz.start]) + affine[:3, 3]
+        out[phase] = (crop, affine)
+    meta = {
+        "label": int(label),
+        "class_name": LESION_CLASSES[label],
+        "site": prof.name,
+        "diameter_mm": round(lesion.diameter_mm, 2),
+        "atypical": lesion.atypical,
+    }
+    return out, meta
+
+
+# ----------------------------------------------------------------------------------------- datasets
+def site_class_counts(site: str | SiteProfile, num_cases: int) -> list[int]:
+    """Cases per class for ``num_cases`` at ``site`` following its class mix (largest remainder, >= 1 each)."""
+    if num_cases < len(LESION_CLASSES):
+        raise ValueError(f"num_cases must be >= {len(LESION_CLASSES)} (one per class), got {num_cases}.")
+    p = get_site(site).class_probabilities()
+    raw = p * (num_cases - len(p))
+    counts = np.floor(raw).astype(int) + 1
+    for i in np.argsort(-(raw - np.floor(raw)))[: num_cases - counts.sum()]:
+        counts[i] += 1
+    return [int(c) for c in counts]
+
+
+def _normalise_counts(num_cases_per_class: int | Sequence[int]) -> list[int]:
+    if isinstance(num_cases_per_class, (int, np.integer)):
+        counts = [int(num_cases_per_class)] * len(LESION_CLASSES)
+    else:
+        counts = [int(c) for c in num_cases_per_class]
+    if len(counts) != len(LESION_CLASSES) or min(counts) < 0 or sum(counts) == 0:
+        raise ValueError(
+            f"num_cases_per_class must be a positive int or {len(LESION_CLASSES)} non-negative ints, "
+            f"got {num_cases_per_class}."
+        )
+    return counts
+
+
+@dataclass(frozen=True)
+class _Spec:
+    case: str
+    label: int
+    site: str
+    k: int
+    fold: int | None
+
+
+def _render_and_write(root: Path, spec: _Spec, seed: int, options: SynthOptions) -> dict:
+    crops, meta = render_case(_case_rng(seed, spec.site, spec.label, spec.k), spec.label, spec.site, options)
+    case_dir = root / "images" / spec.case
+    case_dir.mkdir(parents=True)
+    for phase, (crop, affine) in crops.items():
+        write_nifti(case_dir / f"{PHASE_FILE_NAMES[phase]}.nii.gz", crop, affine)
+    meta.update(
+        split="test" if spec.fold is None else "training",
+        fold=spec.fold,
+        shape={p: list(crops[p][0].shape) for p in PHASES},
+    )
+    return meta
+
+
+def _write_cases(
+    root: Path, specs: Sequence[_Spec], seed: int, options: SynthOptions, progress: bool, num_workers: int = 0
+) -> Path:
+    """Render and write ``specs`` into the (temporary) dataset root; return the datalist path.
+
+    ``num_workers > 1`` renders in forked worker processes (cases are seeded one by one, so the output is the
+    same as with one process); without ``fork`` (Windows) it falls back to one process.
+    """
+    import multiprocessing
+
+    meta_all: dict[str, dict] = {}
+    bar = dict(desc=f"synthetic {root.name}", disable=not progress, unit="case", total=len(specs))
+    if num_workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_render_and_write, root, spec, seed, options) for spec in specs]
+            for spec, future in zip(specs, _tqdm(futures, **bar)):
+                meta_all[spec.case] = future.result()
+    else:
+        for spec in _tqdm(specs, **bar):
+            meta_all[spec.case] = _render_and_write(root, spec, seed, options)
+    with open(root / "cases.json", "w", encoding="utf-8") as f:
+        json.dump({"seed": seed, "options": asdict(options), "cases": meta_all}, f, indent=1)
+    return write_classification_index(root, [CaseRecord(s.case, s.label, s.fold) for s in specs])
+
+
+def generate_dataset(
+    output_dir: str | os.PathLike,
+    num_cases_per_class: int | Sequence[int] = 10,
+    seed: int = 0,
+    site: str | Sequence[str] = "site_a",
+    *,
+    test_fraction: float = 0.2,
+    num_folds: int = 5,
+    options: SynthOptions | None = None,
+    case_prefix: str = "SYN",
+    overwrite: bool = False,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> Path:
+    """Generate a classification dataset in the LLD-MMRI layout the bundle trains on.
+
+    Writes ``images/<case>/<phase>.nii.gz`` (8 ROI crops per case, LLD-MMRI margins), ``labels.txt``,
+    ``datalist.json`` (``training`` with ``fold`` 0..num_folds-1 stratified by class, and ``test``) and
+    ``cases.json`` (per-case site, size, atypical flag, crop shapes). Written to a temporary folder and renamed.
+
+    Args:
+        output_dir: dataset root to create.
+        num_cases_per_class: cases per class (int, or one count per class); includes the test cases.
+        seed: seed of every random draw.
+        site: site profile name, or a sequence of names that the cases of each class cycle through.
+        test_fraction: fraction of each class held out as the ``test`` split; default 0.2.
+        num_folds: number of cross-validation folds of the training cases; default 5.
+        options: appearance knobs (:class:`SynthOptions`).
+        case_prefix: case names are ``<prefix><number>`` in a shuffled order (names do not reveal the class).
+        overwrite: replace an existing ``output_dir``.
+        progress: show a tqdm progress bar.
+        num_workers: worker processes (0 or 1: this process); the output does not depend on it.
+
+    Returns:
+        Path of ``datalist.json``.
+
+    Raises:
+        ValueError: for an unknown site or invalid counts/fractions.
+        FileExistsError: when ``output_dir`` exists and ``overwrite`` is False.
+    """
+    counts = _normalise_counts(num_cases_per_class)
+    sites = [site] if isinstance(site, str) else list(site)
+    if not sites:
+        raise ValueError("site must name at least one site profile.")
+    for s in sites:
+        get_site(s)
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+    options = options or SynthOptions()
+    rng = np.random.default_rng([int(seed), 7])
+    entries = []  # (label, site, k, is_test)
+    for label, n in enumerate(counts):
+        n_test = int(round(n * test_fraction))
+        test_idx = set(rng.permutation(n)[:n_test].tolist())
+        for k in range(n):
+            entries.append((label, sites[k % len(sites)], k, k in test_idx))
+    order = rng.permutation(len(entries))
+    named = [(f"{case_prefix}{i:04d}", *entries[j]) for i, j in enumerate(order)]
+    train = [e for e in named if not e[4]]
+    folds = stratified_folds([e[1] for e in train], num_folds, rng)
+    fold_of = {e[0]: f for e, f in zip(train, folds)}
+    specs = [_Spec(e[0], e[1], e[2], e[3], fold_of.get(e[0])) for e in named]
+    target = Path(output_dir)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        _write_cases(tmp, specs, seed, options, progress, num_workers)
+    logger.info("wrote %d cases to %s", len(specs), target)
+    return target / "datalist.json"
+
+
+def generate_federated_datasets(
+    output_dir: str | os.PathLike,
+    sites: Sequence[str] = ("site_a", "site_b", "site_c"),
+    cases_per_site: int = 70,
+    seed: int = 0,
+    *,
+    test_cases_per_site: int = 14,
+    num_folds: int = 5,
+    options: SynthOptions | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """One dataset per site (class mix of the site, domain shift between sites) plus a pooled held-out test set.
+
+    ``output_dir/<site>/`` holds the site's cases, all in ``training`` with folds (no local test split);
+    ``output_dir/pooled_test/`` holds ``test_cases_per_site`` class-balanced cases from every site in ``test``
+    (its ``training`` list is empty). Each dataset is written atomically.
+
+    Returns:
+        ``{site: dataset root, ..., "pooled_test": dataset root}`` (roots, not datalist paths).
+    """
+    if not sites:
+        raise ValueError("sites must name at least one site profile.")
+    options = options or SynthOptions()
+    root = Path(output_dir)
+    out: dict[str, Path] = {}
+    for s in sites:
+        counts = site_class_counts(s, cases_per_site)
+        generate_dataset(
+            root / s,
+            counts,
+            seed,
+            s,
+            test_fraction=0.0,
+            num_folds=num_folds,
+            options=options,
+            case_prefix=f"{s}_",
+            overwrite=overwrite,
+            progress=progress,
+        )
+        out[s] = root / s
+    specs = []
+    for s in sites:
+        for i in range(test_cases_per_site):
+            label = i % len(LESION_CLASSES)
+            # k offset keeps test patients disjoint from the site's training patients (same seed and site)
+            specs.append(_Spec(f"test_{s}_{i:04d}", label, s, 100000 + i, None))
+    with atomic_directory(root / "pooled_test", overwrite=overwrite) as tmp:
+        _write_cases(tmp, specs, seed, options, progress)
+    out["pooled_test"] = root / "pooled_test"
+    return out
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("LCADB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lcadb"
+
+
+def default_dataset(
+    cache_dir: str | os.PathLike | None = None, progress: bool = True, num_workers: int | None = None
+) -> Path:
+    """The embedded default dataset (:data:`DEFAULT_DATASET_SPEC`), generated once and cached.
+
+    Args:
+        cache_dir: cache folder; default ``$LCADB_CACHE`` or ``~/.cache/lcadb``. The dataset is
+            ``<cache_dir>/synthetic-v1``.
+        progress: show a progress bar while generating.
+        num_workers: worker processes for the first generation; None = number of CPUs (at most 8).
+
+    Returns:
+        The dataset root (holding ``datalist.json``).
+    """
+    target = _cache_root(cache_dir) / DEFAULT_DATASET_NAME
+    marker = target / "datalist.json"
+    if marker.is_file():
+        return target
+    spec = dict(DEFAULT_DATASET_SPEC)
+    options = SynthOptions(size_range_mm=tuple(spec.pop("size_range_mm")))
+    try:
+        workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
+        generate_dataset(target, options=options, progress=progress, num_workers=workers, **spec)
+    except (FileExistsError, OSError):
+        if not marker.is_file():  # a concurrent process finished first, or the folder is broken
+            raise
+    return target
+
+
+# --------------------------------------------------------------------------------- released layout
+def write_released_layout(
+    output_dir: str | os.PathLike,
+    num_patients: int = 8,
+    seed: int = 0,
+    site: str = "site_a",
+    *,
+    matrix: Sequence[int] = (96, 96),
+    num_slices: int | None = 16,
+    lesions_per_patient: tuple[int, int] = (1, 2),
+    num_folds: int = 5,
+    test_fraction: float = 0.2,
+    options: SynthOptions | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a small dataset in the LLD-MMRI2023 *released* layout, to test the adapter.
+
+    Layout (as LMMMEng/LLD-MMRI2023 ``main/README.md`` and ``main/preprocess/crop_roi.py`` read it)::
+
+        images/<patient>/<studyUID>/<seriesUID>.nii.gz        one full volume per phase
+        labels/Annotation.json                                {"Annotation_info": {patient: [per-phase item]}}
+        labels/fold<k>.csv                                    lesion_classifier,dataset,label (Train/Val/Test)
+
+    Each per-phase item: ``studyUID``, ``seriesUID``, ``phase``, ``pixel_spacing``, ``slice_thickness`` and
+    ``annotation.lesion[<idx>]`` = ``{"category": label, "bbox": {"3D_box": {x_min, y_min, z_min, x_max, y_max,
+    z_max}}}`` where x/y maxima are exclusive and ``z_max`` is the last slice (inclusive), as crop_roi.py slices
+    them (``[z_min:z_max + 1, y_min:y_max, x_min:x_max]``). Lesion ``0`` of a patient is case ``<patient>``,
+    lesion ``i`` is case ``<patient>_<i>``. Fold k's CSV marks fold k's cases ``Val``.
+
+    Returns:
+        The dataset root.
+    """
+    if num_patients < 1:
+        raise ValueError(f"num_patients must be >= 1, got {num_patients}.")
+    lo, hi = lesions_per_patient
+    if not 1 <= lo <= hi <= 3:
+        raise ValueError(f"lesions_per_patient must satisfy 1 <= min <= max <= 3, got {lesions_per_patient}.")
+    from pydicom.uid import generate_uid
+
+    options = options or SynthOptions()
+    prof = options.site(get_site(site))
+    grids = core.study_grids(prof, matrix, num_slices)
+    zr = core.coverage_z(grids)
+    margin_z = 2 * prof.dwi_thickness
+    zr = (zr[0] + margin_z, zr[1] - margin_z)
+    rng = np.random.default_rng([int(seed), 11])
+    annotation: dict[str, list] = {}
+    cases: list[tuple[str, int]] = []
+    target = Path(output_dir)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        for p in _tqdm(range(num_patients), desc="released layout", disable=not progress, unit="patient"):
+            prng = np.random.default_rng([int(seed), 13, p])
+            patient = f"MR{100000 + p}"
+            n_les = int(prng.integers(lo, hi + 1))
+            labels = [int((p + i * 3) % len(LESION_CLASSES)) for i in range(n_les)]
+            size = (options.size_range_mm[0], min(options.size_range_mm[1], 40.0))
+            phantom = core.sample_study(
+                prng, prof, labels, zr, size, options.atypical_fraction, options.jitter, options.misregistration_mm
+            )
+            study_uid = generate_uid(entropy_srcs=[str(seed), patient, "study"])
+            items = []
+            for phase in PHASES:
+                grid = grids[phase]
+                series_uid = generate_uid(entropy_srcs=[str(seed), patient, phase])
+                masks: list[np.ndarray] = []
+                image = core.render_phase(phantom, phase, grid, prng, masks=masks)
+                folder = tmp / "images" / patient / study_uid
+                folder.mkdir(parents=True, exist_ok=True)
+                write_nifti(folder / f"{series_uid}.nii.gz", image, grid.affine_ras())
+                lesions = {}
+                for i, lesion in enumerate(phantom.lesions):
+                    mask = masks[i]
+                    if mask.any():
+                        x0, y0, z0, x1, y1, z1 = box_from_mask(mask)
+                    else:
+                        c = np.rint(grid.to_index(lesion.centre + phantom.shifts[phase])).astype(int)
+                        x0, y0, z0, x1, y1, z1 = c[0], c[1], c[2], c[0] + 1, c[1] + 1, c[2] + 1
+                    box = {"x_min": x0, "y_min": y0, "z_min": z0, "x_max": x1, "y_max": y1, "z_max": z1 - 1}
+                    lesions[str(i)] = {
+                        "category": lesion.label,
+                        "bbox": {"3D_box": {k: int(v) for k, v in box.items()}},
+                    }
+                items.append(
+                    {
+                        "studyUID": study_uid,
+                        "seriesUID": series_uid,
+                        "phase": phase,
+                        "pixel_spacing": [grid.spacing[0], grid.spacing[1]],
+                        "slice_thickness": grid.slab,
+                        "annotation": {"lesion": lesions},
+                    }
+                )
+            annotation[patient] = items
+            for i, lesion in enumerate(phantom.lesions):
+                cases.append((patient if i == 0 else f"{patient}_{i}", lesion.label))
+        (tmp / "labels").mkdir()
+        with open(tmp / "labels" / "Annotation.json", "w", encoding="utf-8") as f:
+            json.dump({"Annotation_info": annotation}, f, indent=1)
+        n_test = int(round(len(cases) * test_fraction))
+        perm = rng.permutation(len(cases))
+        test = {cases[i][0] for i in perm[:n_test]}
+        train = [c for c in cases if c[0] not in test]
+        folds = dict(zip([c[0] for c in train], stratified_folds([c[1] for c in train], num_folds, rng)))
+        for k in range(num_folds):
+            with open(tmp / "labels" / f"fold{k + 1}.csv", "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["lesion_classifier", "dataset", "label"])
+                for case, label in cases:
+                    split = "Test" if case in test else ("Val" if folds[case] == k else "Train")
+                    w.writerow([case, split, label])
+    return target
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def _benchmark(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    from .synthetic_dicom import generate_dicom_study
+
+    result: dict = {"workers": args.workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0, c0 = time.perf_counter(), time.process_time()
+        generate_dataset(
+            Path(tmp) / "nifti",
+            args.cases_per_class,
+            args.seed,
+            ("site_a", "site_b", "site_c"),
+            options=SynthOptions(size_range_mm=(8.0, 40.0)),
+            progress=False,
+            num_workers=args.workers,
+        )
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        n = args.cases_per_class * len(LESION_CLASSES)
+        result.update(nifti_cases=n, nifti_seconds=round(wall, 2), nifti_cases_per_second=round(n / wall, 2))
+        if args.workers <= 1:
+            result["nifti_cpu_seconds_per_case"] = round(cpu / n, 3)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(args.studies):
+            generate_dicom_study(Path(tmp) / f"dicom{i}", args.seed + i, num_lesions=2)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        result.update(
+            dicom_studies=args.studies,
+            dicom_seconds_per_study=round(wall / max(args.studies, 1), 2),
+            dicom_cpu_seconds_per_study=round(cpu / max(args.studies, 1), 2),
+        )
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lcadb-synth",
+        description="Synthetic 8-phase liver-lesion MRI: classification datasets (NIfTI), DICOM studies, "
+        "federated multi-site sets and the LLD-MMRI released layout.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sp.add_argument("--atypical-fraction", type=float, default=0.1, help="fraction of atypical lesions")
+        sp.add_argument(
+            "--size-range",
+            type=float,
+            nargs=2,
+            default=(5.0, 60.0),
+            metavar=("MIN", "MAX"),
+            help="lesion diameter range in mm (default 5 60)",
+        )
+        sp.add_argument("--noise-scale", type=float, default=1.0, help="multiplies the site noise (default 1)")
+        sp.add_argument("--misregistration", type=float, default=None, help="max inter-phase shift in mm")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    sp = sub.add_parser("nifti", help="classification dataset (images/<case>/<phase>.nii.gz + datalist.json)")
+    sp.add_argument("output_dir", type=Path)
+    sp.add_argument("--cases-per-class", type=int, default=10)
+    sp.add_argument("--site", nargs="+", default=["site_a"], choices=sorted(SITE_PROFILES))
+    sp.add_argument("--test-fraction", type=float, default=0.2)
+    sp.add_argument("--num-folds", type=int, default=5)
+    sp.add_argument("--workers", type=int, default=0, help="worker processes (default 0: this process)")
+    common(sp)
+
+    sp = sub.add_parser("default", help="generate (once) the embedded default dataset and print its path")
+    sp.add_argument("--cache-dir", type=Path, default=None, help="default $LCADB_CACHE or ~/.cache/lcadb")
+    sp.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
+
+    sp = sub.add_parser("federated", help="one dataset per site plus a pooled held-out test set")
+    sp.add_argument("output_dir", type=Path)
+    sp.add_argument("--sites", nargs="+", default=["site_a", "site_b", "site_c"], choices=sorted(SITE_PROFILES))
+    sp.add_argument("--cases-per-site", type=int, default=70)
+    sp.add_argument("--test-cases-per-site", type=int, default=14)
+    common(sp)
+
+    sp = sub.add_parser("dicom", help="DICOM MR studies (8 series + SEG + ground_truth.json each)")
+    sp.add_argument("output_dir", type=Path)
+    sp.add_argument("--num-studies", type=int, default=1)
+    sp.add_argument("--site", default="site_a", choices=sorted(SITE_PROFILES))
+    sp.add_argument("--naming-style", default=None, help="siemens | ge | philips | lldmmri (default: site's)")
+    sp.add_argument("--num-lesions", type=int, default=None, help="1-3 (default random)")
+    sp.add_argument("--matrix", type=int, nargs=2, default=(256, 256), metavar=("COLS", "ROWS"))
+    sp.add_argument("--slices", type=int, default=None, help="slices per series (default: site's)")
+    sp.add_argument("--mixed-geometry", action="store_true", help="oblique T2WI, shifted C+Delay coverage")
+    common(sp)
+
+    sp = sub.add_parser("released", help="LLD-MMRI released layout (full volumes + Annotation.json + fold CSVs)")
+    sp.add_argument("output_dir", type=Path)
+    sp.add_argument("--num-patients", type=int, default=8)
+    sp.add_argument("--site", default="site_a", choices=sorted(SITE_PROFILES))
+    sp.add_argument("--matrix", type=int, nargs=2, default=(96, 96), metavar=("COLS", "ROWS"))
+    sp.add_argument("--slices", type=int, default=16)
+    common(sp)
+
+    sp = sub.add_parser("benchmark", help="measure generation speed (NIfTI cases/s, DICOM s/study); prints JSON")
+    sp.add_argument("--cases-per-class", type=int, default=10)
+    sp.add_argument("--studies", type=int, default=2)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--workers", type=int, default=0, help="worker processes for the NIfTI part (default 0)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m scripts.synthetic`` / ``lcadb-synth``)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    opts = None
+    if hasattr(args, "atypical_fraction"):
+        opts = SynthOptions(
+            atypical_fraction=args.atypical_fraction,
+            size_range_mm=tuple(args.size_range),
+            noise_scale=args.noise_scale,
+            misregistration_mm=args.misregistration,
+        )
+    if args.command == "nifti":
+        path = generate_dataset(
+            args.output_dir,
+            args.cases_per_class,
+            args.seed,
+            args.site,
+            test_fraction=args.test_fraction,
+            num_folds=args.num_folds,
+            options=opts,
+            overwrite=args.overwrite,
+            num_workers=args.workers,
+        )
+        print(path)
+    elif args.command == "default":
+        print(default_dataset(args.cache_dir, num_workers=args.workers))
+    elif args.command == "federated":
+        paths = generate_federated_datasets(
+            args.output_dir,
+            args.sites,
+            args.cases_per_site,
+            args.seed,
+            test_cases_per_site=args.test_cases_per_site,
+            options=opts,
+            overwrite=args.overwrite,
+        )
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    elif args.command == "dicom":
+        from .synthetic_dicom import generate_dicom_study
+
+        for i in _tqdm(range(args.num_studies), desc="dicom studies", unit="study"):
+            out = args.output_dir / f"study_{i:03d}" if args.num_studies > 1 else args.output_dir
+            truth = generate_dicom_study(
+                out,
+                args.seed + i,
+                num_lesions=args.num_lesions,
+                naming_style=args.naming_style,
+                site=args.site,
+                matrix=tuple(args.matrix),
+                num_slices=args.slices,
+                mixed_geometry=args.mixed_geometry,
+                options=opts,
+                overwrite=args.overwrite,
+            )
+            print(out, truth.study_instance_uid)
+    elif args.command == "released":
+        print(
+            write_released_layout(
+                args.output_dir,
+                args.num_patients,
+                args.seed,
+                args.site,
+                matrix=tuple(args.matrix),
+                num_slices=args.slices,
+                options=opts,
+                overwrite=args.overwrite,
+            )
+        )
+    elif args.command == "benchmark":
+        print(json.dumps(_benchmark(args), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
