@@ -1,0 +1,21 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""MONAI Deploy App SDK application of the LCA-DB bundle (MAP source layout).
+
+The package is imported lazily: ``import deploy_app`` does not pull in Holoscan; import ``deploy_app.app``
+for :class:`~deploy_app.app.LCADBDeployApp`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Everything the app takes from the bundle: its ``scripts`` package, and the TorchScript that
+``python -m monai.bundle ckpt_export`` writes with the bundle metadata and ``inference.json`` embedded.
+
+Nothing of the bundle is copied here: class names, model name and version come from the embedded
+``metadata.json``; the preprocessing is the ``image_preprocessing`` id of the embedded ``inference.json``,
+parsed with :class:`monai.bundle.ConfigParser`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ModelPackageError
+
+__all__ = [
+    "LoadedModel",
+    "PREPROCESSING_ID",
+    "ensure_bundle_scripts",
+    "find_model_file",
+    "load_model",
+    "weights_sha256",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Id of the preprocessing Compose in the bundle's inference.json (contracts.md).
+PREPROCESSING_ID = "image_preprocessing"
+#: Name of the embedded inference config (ckpt_export stores each config file under its stem + ".json").
+INFERENCE_CONFIG = "inference.json"
+_MODEL_SUFFIXES = (".ts", ".pt", ".pth", ".zip")
+
+
+def ensure_bundle_scripts() -> None:
+    """Make the bundle's ``scripts`` package importable, as the bundle configs refer to ``scripts.<module>``.
+
+    Looked for in this order: an importable ``scripts`` package that is the LCA-DB one (in a MAP packaged with
+    ``--add <folder holding scripts/>`` it is in ``/opt/holoscan/lib``, on PYTHONPATH), the ``bundle/`` folder of
+    this repository, and the installed ``lcadb`` distribution (``pip install .`` of this repository).
+
+    Raises:
+        ModelPackageError: when none of them is available.
+    """
+    if _is_lcadb_scripts(sys.modules.get("scripts")):
+        return
+    try:
+        if _is_lcadb_scripts(importlib.import_module("scripts")):
+            return
+    except ImportError:
+        pass
+    sys.modules.pop("scripts", None)
+    bundle_dir = Path(__file__).resolve().parents[1] / "bundle"
+    if (bundle_dir / "scripts" / "__init__.py").is_file():
+        sys.path.insert(0, str(bundle_dir))
+        importlib.import_module("scripts")
+        return
+    try:
+        sys.modules["scripts"] = importlib.import_module("lcadb")
+    except ImportError as err:
+        raise ModelPackageError(
+            "cannot import the LCA-DB bundle's 'scripts' package: package the MAP with "
+            "'--add <folder holding scripts/>', run from the repository, or 'pip install' it (package 'lcadb')."
+        ) from err
+
+
+def _is_lcadb_scripts(module: Any) -> bool:
+    if module is None:
+        return False
+    try:
+        constants = importlib.import_module(f"{module.__name__}.constants")
+    except ImportError:
+        return False
+    return hasattr(constants, "LESION_CLASSES") and hasattr(constants, "PHASES")
+
+
+def find_model_file(path: Path) -> Path:
+    """The TorchScript file given by ``path``: the file itself, or the only TorchScript file under a folder
+    (searched recursively, as ``monai-deploy package --models`` nests it in ``models/<name>/``).
+
+    Raises:
+        ModelPackageError: when the path does not exist, or the folder holds no or several TorchScript files.
+    """
+    from monai.deploy.core.models import TorchScriptModel
+
+    path = Path(path)
+    if path.is_file():
+        if not TorchScriptModel.accept(str(path))[0]:
+            raise ModelPackageError(f"model file {path} is not a TorchScript archive (torch.jit.save / ckpt_export).")
+        return path
+    if not path.is_dir():
+        raise ModelPackageError(f"model path {path} does not exist.")
+    candidates = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in _MODEL_SUFFIXES and TorchScriptModel.accept(str(p))[0]
+    )
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ModelPackageError(f"model folder {path} holds no TorchScript file ({', '.join(_MODEL_SUFFIXES)}).")
+    raise ModelPackageError(
+        f"model folder {path} holds {len(candidates)} TorchScript files, give one with -m: "
+        f"{[str(p) for p in candidates]}."
+    )
+
+
+def weights_sha256(network: torch.nn.Module) -> str:
+    """SHA-256 of the network's parameters and buffers (names, dtypes, shapes and values), independent of the
+    file's other content (export timestamp, embedded configs) and of the device it is loaded on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(network.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """The exported LCA-DB model with what the bundle says about it.
+
+    Attributes:
+        path: the TorchScript file.
+        network: the TorchScript module, in eval mode, on ``device``; returns (probabilities, attention_ia,
+            attention_pa) as ``LCADBInference(return_attention=True)``.
+        device: where the network runs.
+        name: ``name`` of the bundle metadata.
+        version: ``version`` of the bundle metadata.
+        class_names: ``network_data_format.outputs.pred.channel_def`` of the bundle metadata, by channel.
+        preprocessing: the ``image_preprocessing`` transform of the embedded inference config.
+        weights_sha256: see :func:`weights_sha256`.
+        metadata: the whole embedded metadata.
+    """
+
+    path: Path
+    network: torch.nn.Module
+    device: torch.device
+    name: str
+    version: str
+    class_names: tuple[str, ...]
+    preprocessing: Callable[[dict], dict]
+    weights_sha256: str
+    metadata: dict
+
+    def preprocess(self, roi: np.ndarray) -> torch.Tensor:
+        """Network input ``[8, H, W, D]`` of one lesion ROI ``[8, X, Y, Z]`` (phases in network order)."""
+        out = self.preprocessing({"image": roi})["image"]
+        return torch.as_tensor(out, dtype=torch.float32).as_subclass(torch.Tensor)
+
+
+def load_model(path: Path, device: torch.device | str | None = None) -> LoadedModel:
+    """Load the TorchScript exported by the bundle (``ckpt_export`` with its metadata and inference config).
+
+    Args:
+        path: TorchScript file, or a folder holding exactly one.
+        device: where to run the network; default CUDA when available, else CPU.
+
+    Raises:
+        ModelPackageError: naming the file and what is missing from it.
+    """
+    ensure_bundle_scripts()
+    from monai.bundle import ConfigParser
+    from monai.data import load_net_with_metadata
+
+    file = find_model_file(Path(path))
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    try:
+        network, metadata, extra = load_net_with_metadata(
+            str(file), map_location=device, more_extra_files=(INFERENCE_CONFIG,)
+        )
+    except RuntimeError as err:
+        raise ModelPackageError(f"cannot load TorchScript model {file}: {err}") from err
+    network.eval()
+
+    try:
+        channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    except (KeyError, TypeError) as err:
+        raise ModelPackageError(
+            f"{file} has no 'network_data_format.outputs.pred.channel_def' in its embedded metadata: export it with "
+            "'python -m monai.bundle ckpt_export ... --meta_file configs/metadata.json'."
+        ) from err
+    class_names = tuple(str(channel_def[k]) for k in sorted(channel_def, key=int))
+    for key in ("name", "version"):
+        if not metadata.get(key):
+            raise ModelPackageError(f"{file}: the embedded bundle metadata has no {key!r}.")
+
+    config_text = extra.get(INFERENCE_CONFIG, "")
+    if not config_text:
+        raise ModelPackageError(
+            f"{file} has no embedded {INFERENCE_CONFIG}: export it with "
+            "'python -m monai.bundle ckpt_export ... --config_file configs/inference.json'."
+        )
+    parser = ConfigParser(json.loads(config_text))
+    if PREPROCESSING_ID not in parser:
+        raise ModelPackageError(f"the inference config embedded in {file} has no {PREPROCESSING_ID!r} id.")
+    preprocessing = parser.get_parsed_content(PREPROCESSING_ID)
+
+    from .lesion_codes import validate_codes
+
+    validate_codes(class_names)
+    model = LoadedModel(
+        path=file,
+        network=network,
+        device=device,
+        name=str(metadata["name"]),
+        version=str(metadata["version"]),
+        class_names=class_names,
+        preprocessing=preprocessing,
+        weights_sha256=weights_sha256(network),
+        metadata=metadata,
+    )
+    logger.info(
+        "Loaded %s %s from %s on %s (%d classes, weights sha256 %s).",
+        model.name, model.version, file, device, len(class_names), model.weights_sha256[:16],
+    )  # fmt: skip
+    return model

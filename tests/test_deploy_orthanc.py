@@ -1,0 +1,119 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PACS round trip against a real Orthanc: store a synthetic study (dcmtk storescu), fetch it back, run the
+app, send the SR by C-STORE and by STOW-RS, and read both SRs back from Orthanc's REST API."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from deploy_fixtures import (  # noqa: F401 - fixtures
+    APP_DIR,
+    deploy_model,
+    generated_study,
+    orthanc,
+    require_tool,
+    run_app,
+    sr_files,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, name: str, pacs: dict) -> Path:
+    config = yaml.safe_load((APP_DIR / "app.yaml").read_text())
+    config["pacs"] = pacs
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_path, monkeypatch):  # noqa: F811
+    import highdicom as hd
+    import requests
+
+    from deploy_app.lesion_codes import DIAGNOSIS, class_for_code
+
+    folder, truth = generated_study(tmp_path, "pacs-study", seed=21, naming_style="lldmmri", num_lesions=2)
+    storescu = require_tool("storescu")
+    # -R: propose only the SOP classes present (the SEG is not in storescu's default list)
+    command = [storescu, "-R", "-aec", orthanc.aet, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(orthanc.dicom_port)]
+    store = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=300)
+    assert store.returncode == 0, store.stdout + store.stderr
+    studies = requests.post(
+        f"{orthanc.url}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": truth.study_instance_uid}},
+        timeout=30,
+    ).json()  # fmt: skip
+    assert len(studies) == 1
+    study_id = studies[0]
+    instances = orthanc.get(f"/studies/{study_id}/instances").json()
+    assert len(instances) == sum(1 for _ in folder.rglob("*.dcm"))
+
+    # the app's input is the study as the PACS gives it back
+    fetched = tmp_path / "from-pacs"
+    fetched.mkdir()
+    for instance in instances:
+        (fetched / f"{instance['ID']}.dcm").write_bytes(orthanc.get(f"/instances/{instance['ID']}/file").content)
+
+    sent = {}
+    for route, pacs in {
+        "cstore": {"cstore": {"enabled": True, "host": "127.0.0.1", "port": orthanc.dicom_port,
+                              "called_ae_title": orthanc.aet, "calling_ae_title": "LCADB"}},
+        "stowrs": {"stowrs": {"enabled": True, "url": orthanc.dicomweb}},
+    }.items():  # fmt: skip
+        out = tmp_path / f"out-{route}"
+        argv = ["-i", str(fetched), "-o", str(out), "-m", str(deploy_model)]
+        assert run_app(argv, config=_config(tmp_path, route, pacs), monkeypatch=monkeypatch) == 0, route
+        (sr_file,) = sr_files(out)
+        sent[route] = pydicom.dcmread(sr_file)
+
+    # read the SRs back from Orthanc
+    series = [s for s in orthanc.get(f"/studies/{study_id}/series").json() if s["MainDicomTags"]["Modality"] == "SR"]
+    assert len(series) == 2
+    stored = {}
+    for s in series:
+        (instance_id,) = s["Instances"]
+        ds = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{instance_id}/file").content))
+        stored[ds.SOPInstanceUID] = ds
+    assert set(stored) == {ds.SOPInstanceUID for ds in sent.values()}
+    qido = orthanc.get(f"/dicom-web/studies/{truth.study_instance_uid}/series?Modality=SR").json()
+    assert len(qido) == 2
+    for route, ds in sent.items():
+        back = hd.sr.Comprehensive3DSR.from_dataset(stored[ds.SOPInstanceUID])
+        groups = back.content.get_volumetric_roi_measurement_groups()
+        assert len(groups) == len(truth.lesions), route
+        local = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_volumetric_roi_measurement_groups()
+        for group, mine in zip(groups, local, strict=True):
+            (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
+            (expected,) = mine.get_qualitative_evaluations(name=DIAGNOSIS)
+            assert class_for_code(diagnosis.value.value, "SCT") == class_for_code(expected.value.value, "SCT")
+            assert [m.value for m in group.get_measurements()] == pytest.approx(
+                [m.value for m in mine.get_measurements()]
+            )
+
+
+def test_unreachable_pacs_is_reported(deploy_model, tmp_path, monkeypatch, capfd):  # noqa: F811
+    from deploy_fixtures import free_port
+
+    folder, _ = generated_study(tmp_path, "pacs-down", seed=22, naming_style="siemens", num_lesions=1)
+    port = free_port()  # nothing listens there
+    pacs = {"cstore": {"enabled": True, "host": "127.0.0.1", "port": port, "called_ae_title": "NOBODY", "timeout": 5}}
+    out = tmp_path / "out"
+    argv = ["-i", str(folder), "-o", str(out), "-m", str(deploy_model)]
+    assert run_app(argv, config=_config(tmp_path, "down", pacs), monkeypatch=monkeypatch) == 1
+    log = "".join(capfd.readouterr())
+    assert f"C-STORE NOBODY@127.0.0.1:{port}" in log
+    assert len(sr_files(out)) == 1  # the SR itself is complete and kept
