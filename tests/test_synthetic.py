@@ -190,11 +190,11 @@ def test_default_dataset_is_cached(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("LCADB_CACHE", str(tmp_path / "cache"))
     root = default_dataset(progress=False)
-    assert root == tmp_path / "cache" / synthetic.DEFAULT_DATASET_NAME
+    assert root == tmp_path / "cache" / synthetic.default_dataset_name()
     stamp = (root / "datalist.json").stat().st_mtime_ns
     assert default_dataset(progress=False) == root
     assert (root / "datalist.json").stat().st_mtime_ns == stamp
-    assert default_dataset(tmp_path / "other", progress=False) == tmp_path / "other" / synthetic.DEFAULT_DATASET_NAME
+    assert default_dataset(tmp_path / "other", progress=False) == tmp_path / "other" / synthetic.default_dataset_name()
 
 
 def test_cli(tmp_path, capsys):

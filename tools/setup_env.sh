@@ -23,6 +23,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "$wanted" > "$stamp"
 fi
 
+# LCADB_SKIP_DEBIAN=1: training needs none of the DICOM/PACS test peers.
+[ "${LCADB_SKIP_DEBIAN:-0}" = 1 ] && exit 0
+
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from .roi import box_from_mask, crop_lesion_roi, roi_slices
 __all__ = [
     "DEFAULT_DATASET_NAME",
     "DEFAULT_DATASET_SPEC",
+    "default_dataset_name",
     "SITE_PROFILES",
     "SiteProfile",
     "SynthOptions",
@@ -56,7 +58,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Folder name of the embedded default dataset inside the cache folder; bump the version when the model changes.
+#: Folder name prefix of the embedded default dataset inside the cache folder (see :func:`default_dataset_name`).
 DEFAULT_DATASET_NAME = "synthetic-v1"
 
 #: The embedded default dataset: 7 classes x 50 cases (40 training in 5 folds + 10 test per class), all sites.
@@ -391,6 +393,18 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lcadb"
 
 
+def default_dataset_name() -> str:
+    """Cache folder name of the default dataset: the prefix plus a fingerprint of its spec and of the generator's code.
+
+    Any change of the generator gives a new folder, so a cache never serves data an older generator wrote.
+    """
+    digest = hashlib.sha256(json.dumps(DEFAULT_DATASET_SPEC, sort_keys=True).encode())
+    here = Path(__file__).resolve().parent
+    for module in ("synthetic.py", "_synth_phantom.py", "_synth_io.py", "constants.py"):
+        digest.update((here / module).read_bytes())
+    return f"{DEFAULT_DATASET_NAME}-{digest.hexdigest()[:12]}"
+
+
 def default_dataset(
     cache_dir: str | os.PathLike | None = None, progress: bool = True, num_workers: int | None = None
 ) -> Path:
@@ -398,14 +412,14 @@ def default_dataset(
 
     Args:
         cache_dir: cache folder; default ``$LCADB_CACHE`` or ``~/.cache/lcadb``. The dataset is
-            ``<cache_dir>/synthetic-v1``.
+            ``<cache_dir>/<default_dataset_name()>``.
         progress: show a progress bar while generating.
         num_workers: worker processes for the first generation; None = number of CPUs (at most 8).
 
     Returns:
         The dataset root (holding ``datalist.json``).
     """
-    target = _cache_root(cache_dir) / DEFAULT_DATASET_NAME
+    target = _cache_root(cache_dir) / default_dataset_name()
     marker = target / "datalist.json"
     if marker.is_file():
         return target

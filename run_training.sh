@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up .venv (tools/setup_env.sh), then trains LCA-DB with the bundle on the embedded synthetic dataset
+# (generated into ~/.cache/lcadb on first use). Without a GPU it merges the light CPU preset
+# (bundle/configs/cpu_light.json); with one it trains the paper configuration.
+# Extra arguments go to `python -m monai.bundle run`, e.g. --fold 2 or --dataset_dir /data/lld-mmri-layout
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+LCADB_SKIP_DEBIAN=1 bash tools/setup_env.sh
+configs="'bundle/configs/train.json'"
+if ! .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "[train] no CUDA device: using the light CPU preset bundle/configs/cpu_light.json"
+  configs="$configs,'bundle/configs/cpu_light.json'"
+fi
+exec .venv/bin/python -m monai.bundle run training \
+  --meta_file bundle/configs/metadata.json \
+  --config_file "[$configs]" \
+  --logging_file bundle/configs/logging.conf "$@"
