@@ -140,7 +140,7 @@ def benchmark_inference(network_kwargs: dict, batch: int, device: torch.device, 
                 return ours_forward(x_ours).float()
 
     else:
-        frozen = freeze_for_cpu_inference(network, x, FULL_RESOLUTION_MODULES)
+        frozen = freeze_for_cpu_inference(network, x, FULL_RESOLUTION_MODULES, chain_bfloat16=True)
 
         def ours():
             return frozen(x)

@@ -9,7 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Everything the app takes from the bundle: its ``scripts`` package, and the TorchScript that
-``python -m monai.bundle ckpt_export`` writes with the bundle metadata and ``inference.json`` embedded.
+``python -m monai.bundle ckpt_export`` writes with the bundle metadata and ``inference.json`` embedded (or the
+bundle's CPU-optimised export, ``python -m scripts.export_cpu``, which embeds the same and its weights' SHA-256).
 
 Nothing of the bundle is copied here: class names, model name and version come from the embedded
 ``metadata.json``; the preprocessing is the ``image_preprocessing`` id of the embedded ``inference.json``,
@@ -18,7 +19,6 @@ parsed with :class:`monai.bundle.ConfigParser`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 PREPROCESSING_ID = "image_preprocessing"
 #: Name of the embedded inference config (ckpt_export stores each config file under its stem + ".json").
 INFERENCE_CONFIG = "inference.json"
+#: Written by the bundle's CPU export (``python -m scripts.export_cpu``): the SHA-256 of the weights it froze.
+CPU_EXPORT_INFO = "cpu_export.json"
 _MODEL_SUFFIXES = (".ts", ".pt", ".pth", ".zip")
 
 
@@ -123,14 +125,24 @@ def find_model_file(path: Path) -> Path:
 
 
 def weights_sha256(network: torch.nn.Module) -> str:
-    """SHA-256 of the network's parameters and buffers (names, dtypes, shapes and values), independent of the
-    file's other content (export timestamp, embedded configs) and of the device it is loaded on."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(network.state_dict().items()):
-        value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
-        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
-    return digest.hexdigest()
+    """The bundle's digest of the network's weights (``scripts.export_cpu.weights_sha256``), the SR's DeviceUID seed."""
+    ensure_bundle_scripts()
+    from scripts.export_cpu import weights_sha256 as bundle_weights_sha256
+
+    return bundle_weights_sha256(network)
+
+
+def _embedded_weights_sha256(file: Path, text: str) -> str:
+    """The weights' SHA-256 that the CPU export embeds (a frozen graph has no ``state_dict``); "" when absent."""
+    if not text:
+        return ""
+    try:
+        digest = json.loads(text)["weights_sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelPackageError(f"{file}: the embedded {CPU_EXPORT_INFO} has no 'weights_sha256'.") from err
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ModelPackageError(f"{file}: the embedded weights_sha256 {digest!r} is not a SHA-256 hex digest.")
+    return digest
 
 
 @dataclass
@@ -146,7 +158,8 @@ class LoadedModel:
         version: ``version`` of the bundle metadata.
         class_names: ``network_data_format.outputs.pred.channel_def`` of the bundle metadata, by channel.
         preprocessing: the ``image_preprocessing`` transform of the embedded inference config.
-        weights_sha256: see :func:`weights_sha256`.
+        weights_sha256: see :func:`weights_sha256`; for the bundle's CPU export (a frozen graph, no ``state_dict``)
+            the digest it embeds, computed the same way on the weights before freezing.
         metadata: the whole embedded metadata.
     """
 
@@ -186,7 +199,7 @@ def load_model(path: Path, device: torch.device | str | None = None) -> LoadedMo
     )
     try:
         network, metadata, extra = load_net_with_metadata(
-            str(file), map_location=device, more_extra_files=(INFERENCE_CONFIG,)
+            str(file), map_location=device, more_extra_files=(INFERENCE_CONFIG, CPU_EXPORT_INFO)
         )
     except RuntimeError as err:
         raise ModelPackageError(f"cannot load TorchScript model {file}: {err}") from err
@@ -215,6 +228,15 @@ def load_model(path: Path, device: torch.device | str | None = None) -> LoadedMo
         raise ModelPackageError(f"the inference config embedded in {file} has no {PREPROCESSING_ID!r} id.")
     preprocessing = parser.get_parsed_content(PREPROCESSING_ID)
 
+    digest = _embedded_weights_sha256(file, extra.get(CPU_EXPORT_INFO, ""))
+    if not digest:
+        if not network.state_dict():
+            raise ModelPackageError(
+                f"{file} is a frozen TorchScript without the SHA-256 of its weights: export it with "
+                "'python -m scripts.export_cpu' of the bundle."
+            )
+        digest = weights_sha256(network)
+
     from .lesion_codes import validate_codes
 
     validate_codes(class_names)
@@ -226,7 +248,7 @@ def load_model(path: Path, device: torch.device | str | None = None) -> LoadedMo
         version=str(metadata["version"]),
         class_names=class_names,
         preprocessing=preprocessing,
-        weights_sha256=weights_sha256(network),
+        weights_sha256=digest,
         metadata=metadata,
     )
     logger.info(
