@@ -1,0 +1,249 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Reproduce the README table: FedAvg global model vs centralized training vs each site alone (synthetic data).
+
+1. ``scripts.synthetic.generate_federated_datasets``: one dataset per site (own scanner profile and class mix) and a
+   pooled held-out test set.
+2. Every model starts from the same initial weights and trains the same total number of epochs with the bundle's own
+   training workflow: **centralized** on the union of the sites' training cases, **each site alone** on its own
+   cases (:func:`fl_site.run_site`), and **FedAvg** in NVFlare's simulator (``job.py``: ``num_rounds`` rounds of
+   ``total_epochs / num_rounds`` local epochs).
+3. Each final model is evaluated with the bundle's ``evaluate.json`` on the pooled test set; the table reports
+   macro-F1 (and accuracy, Cohen's kappa).
+
+Example (the README's numbers)::
+
+    python federated/compare.py --work_dir /tmp/lcadb_compare
+
+Synthetic data only: this says nothing about real LLD-MMRI performance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TINY_OVERRIDES", "pooled_training_dataset", "evaluate_checkpoint", "format_table", "main"]
+
+logger = logging.getLogger("lcadb.federated.compare")
+
+FEDERATED_DIR = Path(__file__).resolve().parent
+#: CPU-sized network, data pipeline and learning rate of the README table (the paper size needs a GPU).
+TINY_OVERRIDES = {
+    "network_def#widen_factor": 0.125,
+    "roi_size": [32, 32, 8],
+    "patch_size": 16,
+    "num_workers": 0,
+    "learning_rate": 0.001,
+}
+
+
+def pooled_training_dataset(site_roots: Mapping[str, str | os.PathLike], output_dir: str | os.PathLike) -> Path:
+    """A dataset root whose ``datalist.json`` lists every site's ``training`` cases (paths relative, no copies).
+
+    Each case keeps its fold, so the pooled validation fold is the union of the sites' validation folds.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    training = []
+    labels = None
+    for site, root in site_roots.items():
+        root = Path(root)
+        content = json.loads((root / "datalist.json").read_text())
+        labels = labels or content.get("labels")
+        rel = Path(os.path.relpath(root, out))
+        for item in content["training"]:
+            entry = dict(item)
+            for key, value in item.items():
+                if isinstance(value, str) and value.startswith("images/"):
+                    entry[key] = str(rel / value)
+                elif key == "image" and isinstance(value, list):
+                    entry[key] = [str(rel / v) for v in value]
+            entry["site"] = site
+            training.append(entry)
+    datalist = {"name": "pooled training cases", "labels": labels, "training": training, "test": []}
+    tmp = out / ".datalist.json.tmp"
+    tmp.write_text(json.dumps(datalist, indent=1))
+    os.replace(tmp, out / "datalist.json")
+    return out
+
+
+def evaluate_checkpoint(
+    ckpt: str | os.PathLike,
+    test_root: str | os.PathLike,
+    bundle_root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Run the bundle's ``evaluate.json`` (train.json + evaluate.json) on the ``test`` split of ``test_root``."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle_root = Path(bundle_root)
+    if str(bundle_root) not in sys.path:
+        sys.path.insert(0, str(bundle_root))
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle_root / "configs" / "train.json"), str(bundle_root / "configs" / "evaluate.json")],
+        meta_file=str(bundle_root / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=None,
+        bundle_root=str(bundle_root),
+        dataset_dir=str(test_root),
+        ckpt_path=str(ckpt),
+        output_dir=str(output_dir),
+        **dict(overrides or {}),
+    )
+    workflow.initialize()
+    workflow.run()
+    metrics = workflow.parser.get_parsed_content("validate#evaluator").state.metrics
+    workflow.finalize()
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of ``rows`` (``model``, ``trained on``, ``val_f1``, ``val_accuracy``, ``val_kappa``)."""
+    lines = [
+        "| model | trained on | macro-F1 | accuracy | kappa |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['trained_on']} | {100 * r['val_f1']:.1f} | {100 * r['val_accuracy']:.1f} "
+            f"| {r['val_kappa']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work_dir", default="/tmp/lcadb_compare")
+    p.add_argument("--bundle_root", default=str(FEDERATED_DIR.parent / "bundle"))
+    p.add_argument("--sites", nargs="+", default=["site_a", "site_b", "site_c"])
+    p.add_argument("--cases_per_site", type=int, default=28)
+    p.add_argument("--test_cases_per_site", type=int, default=14)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--total_epochs", type=int, default=12)
+    p.add_argument("--num_rounds", type=int, default=6)
+    p.add_argument("--override", action="append", default=[], help="extra bundle override id=value")
+    p.add_argument("--skip", nargs="*", default=[], choices=["centralized", "sites", "fedavg"], help="reuse results")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _build_parser().parse_args(argv)
+    sys.path.insert(0, str(FEDERATED_DIR))
+    sys.path.insert(0, str(Path(args.bundle_root).resolve()))
+    import job
+    from fl_site import SiteTrainer, parse_overrides, save_state_dict
+    from scripts.synthetic import generate_federated_datasets
+
+    if args.total_epochs % args.num_rounds:
+        raise ValueError(f"total_epochs ({args.total_epochs}) must be a multiple of num_rounds ({args.num_rounds}).")
+    local_epochs = args.total_epochs // args.num_rounds
+    work = Path(args.work_dir).resolve()
+    overrides = {**TINY_OVERRIDES, **parse_overrides(args.override)}
+    override_args = [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in overrides.items()]
+    timings: dict[str, float] = {}
+
+    # 1. data: one dataset per site plus the pooled test set
+    data = work / "data"
+    if not (data / "pooled_test" / "datalist.json").is_file():
+        generate_federated_datasets(
+            data, args.sites, args.cases_per_site, args.seed, test_cases_per_site=args.test_cases_per_site
+        )
+    site_roots = {s: data / s for s in args.sites}
+    pooled = pooled_training_dataset(site_roots, data / "pooled_train")
+
+    # 2. the same initial weights for every model
+    init_ckpt = work / "initial.pt"
+    first_site = site_roots[args.sites[0]]
+    init_trainer = SiteTrainer("initial", first_site, args.bundle_root, 1, work / "initial", overrides=overrides)
+    save_state_dict(init_trainer.local_state_dict(), init_ckpt)
+    initial = init_trainer.local_state_dict()
+    del init_trainer
+
+    def train_alone(name: str, root: Path, group: str) -> Path:
+        ckpt = work / "models" / f"{name}.pt"
+        if ckpt.is_file() and group in args.skip:
+            return ckpt
+        start = time.time()
+        trainer = SiteTrainer(name, root, args.bundle_root, args.total_epochs, work / name, overrides=overrides)
+        trainer.train_round(initial)
+        save_state_dict(trainer.local_state_dict(), ckpt)
+        timings[name] = time.time() - start
+        return ckpt
+
+    # 3. centralized, each site alone, FedAvg
+    ckpts = {"centralized": train_alone("centralized", pooled, "centralized")}
+    for site in args.sites:
+        ckpts[site] = train_alone(site, site_roots[site], "sites")
+    fed_ckpt = work / "models" / "fedavg.pt"
+    if not (fed_ckpt.is_file() and "fedavg" in args.skip):
+        start = time.time()
+        job_args = f"--name lcadb_compare_fedavg --num_rounds {args.num_rounds} --local_epochs {local_epochs}".split()
+        job_args += ["--sites", *args.sites, "--data_root", str(data), "--initial_ckpt", str(init_ckpt)]
+        job_args += ["--workspace", str(work / "nvflare"), "--output_ckpt", str(fed_ckpt)]
+        job_args += ["--bundle_root", str(args.bundle_root), "--cross_site_eval", "global"]
+        for pair in override_args:
+            job_args += ["--override", pair]
+        if job.main(job_args) is None:
+            raise RuntimeError(f"the FedAvg job did not produce a global model; logs under {work / 'nvflare'}")
+        timings["fedavg"] = time.time() - start
+    ckpts["fedavg"] = fed_ckpt
+
+    # 4. evaluate every final model on the pooled held-out test set with the bundle's evaluate.json
+    test_root = data / "pooled_test"
+    rows = []
+    described = {
+        "fedavg": ("FedAvg global model", f"{len(args.sites)} sites, {args.num_rounds} rounds x {local_epochs} epochs"),
+        "centralized": ("Centralized", f"pooled training cases, {args.total_epochs} epochs"),
+    }
+    for name in ["fedavg", "centralized", *args.sites]:
+        metrics = evaluate_checkpoint(ckpts[name], test_root, args.bundle_root, work / "eval" / name, overrides)
+        model, trained_on = described.get(name, (f"{name} alone", f"{name} only, {args.total_epochs} epochs"))
+        rows.append({"name": name, "model": model, "trained_on": trained_on, "seconds": timings.get(name), **metrics})
+    table = format_table(rows)
+    best_site = max(r["val_f1"] for r in rows if r["name"] in args.sites)
+    fed = next(r["val_f1"] for r in rows if r["name"] == "fedavg")
+    central = next(r["val_f1"] for r in rows if r["name"] == "centralized")
+    summary = {
+        "fedavg_minus_centralized_points": 100 * (fed - central),
+        "fedavg_within_5_points_of_centralized": fed >= central - 0.05,
+        "fedavg_above_every_site_alone": fed > best_site,
+        "settings": vars(args) | {"overrides": overrides, "local_epochs": local_epochs, "torch": torch.__version__},
+        "rows": rows,
+    }
+    tmp = work / ".results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, work / "results.json")
+    tmp = work / ".results.md.tmp"
+    tmp.write_text(table + "\n")
+    os.replace(tmp, work / "results.md")
+    logger.info(f"Macro-F1 etc. on the pooled test set ({work / 'results.json'}):\n{table}")
+    logger.info(
+        f"FedAvg - centralized: {summary['fedavg_minus_centralized_points']:+.1f} points "
+        f"(within 5: {summary['fedavg_within_5_points_of_centralized']}); "
+        f"FedAvg above every site alone: {summary['fedavg_above_every_site_alone']}"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Federated training of the LCA-DB bundle with NVFlare 2.9: build the job and run it.
+
+Runs in NVFlare's simulator by default (``SimEnv``); ``--startup_kit`` submits the same job to a provisioned
+(production) system with ``ProdEnv``; ``--export --export-dir DIR`` writes the job folder instead of running it
+(NVFlare's own flags). ``poc.py`` runs it with ``PocEnv``. Example (synthetic data from ``scripts.synthetic``)::
+
+    python federated/job.py --data_root /tmp/lcadb_fed --sites site_a site_b site_c --num_rounds 5 --local_epochs 2
+
+Every site gets ``--data_root <data_root>/<site>`` (or the path given with ``--site_data site=path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nvflare
+from fl_server import BundleCheckpointPersistor, LCADBFedAvgRecipe
+from fl_site import parse_overrides
+from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
+from nvflare.recipe import ProdEnv, SimEnv
+from nvflare.recipe.utils import (
+    add_cross_site_evaluation,
+    add_experiment_tracking,
+    add_final_global_evaluation,
+    set_per_site_config,
+)
+
+__all__ = [
+    "FEDERATED_DIR",
+    "DEFAULT_BUNDLE_ROOT",
+    "build_arg_parser",
+    "build_recipe",
+    "bundle_parser",
+    "default_key_metric",
+    "in_job_dir",
+    "find_global_checkpoint",
+    "network_model_config",
+    "resolve_paths",
+    "site_data_roots",
+    "stage_bundle",
+    "main",
+]
+
+logger = logging.getLogger("lcadb.federated.job")
+
+FEDERATED_DIR = Path(__file__).resolve().parent
+DEFAULT_BUNDLE_ROOT = FEDERATED_DIR.parent / "bundle"
+#: NVFlare minor version the job is written for (pinned in pyproject.toml; the job API changed in 2.7).
+NVFLARE_VERSION = "2.9"
+#: Name of the bundle checkpoint the server writes in its app folder (see BundleCheckpointPersistor).
+GLOBAL_CKPT = Path("app_server") / "models" / "model.pt"
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--name", default="lcadb_fedavg", help="job name")
+    p.add_argument("--sites", nargs="+", default=["site_a", "site_b", "site_c"], help="site names")
+    p.add_argument("--data_root", default=None, help="folder with one dataset per site: <data_root>/<site>")
+    p.add_argument("--site_data", action="append", default=[], help="site=path, per-site dataset (repeatable)")
+    p.add_argument("--bundle_root", default=str(DEFAULT_BUNDLE_ROOT), help="the MONAI bundle shipped with the job")
+    p.add_argument("--config_file", action="append", default=None, help="bundle config(s) relative to bundle root")
+    p.add_argument("--override", action="append", default=[], help="bundle override id=value (repeatable)")
+    p.add_argument("--initial_ckpt", default=None, help="bundle checkpoint (state_dict) to start from (server side)")
+    p.add_argument("--num_rounds", type=int, default=5)
+    p.add_argument("--local_epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--min_clients", type=int, default=None, help="fewest sites a round needs (default: all)")
+    p.add_argument("--wait_after_min", type=int, default=3600, help="seconds to wait for stragglers per round")
+    p.add_argument("--fedprox_mu", type=float, default=0.0, help="FedProx proximal coefficient (0: FedAvg)")
+    p.add_argument("--fedbn", action="store_true", help="keep BatchNorm parameters and statistics at each site")
+    p.add_argument("--privacy_percentile", type=float, default=None, help="PercentilePrivacy filter (e.g. 10)")
+    p.add_argument("--privacy_gamma", type=float, default=0.01, help="PercentilePrivacy clipping bound")
+    p.add_argument(
+        "--cross_site_eval",
+        choices=["global", "full", "none"],
+        default="global",
+        help="global: final global model on every site; full: also every site's model on every site",
+    )
+    p.add_argument("--key_metric", default=None, help="client metric for the best global model (e.g. global_val_f1)")
+    p.add_argument("--tracking", choices=["tensorboard", "none"], default="tensorboard")
+    p.add_argument("--workspace", default="/tmp/nvflare/lcadb", help="SimEnv workspace root")
+    p.add_argument("--threads", type=int, default=None, help="SimEnv: sites trained in parallel (default: all)")
+    p.add_argument("--startup_kit", default=None, help="admin startup kit: submit to a provisioned system (ProdEnv)")
+    p.add_argument("--username", default="admin@nvidia.com", help="admin user for --startup_kit")
+    p.add_argument("--output_ckpt", default=None, help="copy the final global bundle checkpoint here")
+    return p
+
+
+def site_data_roots(sites: Sequence[str], data_root: str | None, site_data: Sequence[str]) -> dict[str, str]:
+    """Per-site dataset roots: ``--site_data site=path`` wins over ``<data_root>/<site>``.
+
+    Paths are not checked here (in production they exist only at the sites); each site checks its own.
+
+    Raises:
+        ValueError: for a malformed pair, an unknown site, a path with whitespace, or a site without data.
+    """
+    roots = {s: str(Path(data_root) / s) for s in sites} if data_root else {}
+    for pair in site_data:
+        site, sep, path = pair.partition("=")
+        if not sep or site not in sites:
+            raise ValueError(f"--site_data must be 'site=path' with a site of {list(sites)}, got {pair!r}.")
+        roots[site] = path
+    for site, path in roots.items():
+        if any(c.isspace() for c in path):
+            raise ValueError(f"Site '{site}': NVFlare splits script arguments on whitespace; data path {path!r}.")
+    if set(roots) != set(sites):
+        # a site without a path still gets a task: it reports the missing configuration (or reads LCADB_DATA_ROOT)
+        logger.warning(f"no data path for site(s) {sorted(set(sites) - set(roots))}: they use $LCADB_DATA_ROOT")
+    return roots
+
+
+def bundle_parser(
+    bundle_root: str | os.PathLike, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None
+):
+    """The bundle's ``ConfigParser`` with the configs and overrides the sites use (nothing instantiated)."""
+    from monai.bundle import ConfigParser
+
+    bundle_root = Path(bundle_root)
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / c) for c in config_files])
+    meta = bundle_root / "configs" / "metadata.json"
+    if meta.is_file():
+        parser.read_meta(str(meta))
+    parser.update({"bundle_root": str(bundle_root), **(overrides or {})})
+    return parser
+
+
+def network_model_config(
+    bundle_root: str | os.PathLike, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The server's copy of the network: ``{"class_path", "args"}`` from the bundle's resolved ``network_def``.
+
+    Resolving the same configs and overrides the sites use guarantees that server and sites build one network.
+
+    Raises:
+        ValueError: when ``network_def`` has no plain ``_target_`` class path.
+    """
+    from monai.bundle import ConfigItem
+
+    config = bundle_parser(bundle_root, config_files, overrides).get_parsed_content("network_def", instantiate=False)
+    if isinstance(config, ConfigItem):  # a component with its references resolved
+        config = config.get_config()
+    target = config.get("_target_") if isinstance(config, Mapping) else None
+    if not isinstance(target, str) or target.startswith(("$", "@")):
+        raise ValueError(f"the bundle's network_def must have a plain '_target_' class path, got {target!r}.")
+    args = {k: v for k, v in config.items() if not k.startswith("_")}
+    return {"class_path": target, "args": json.loads(json.dumps(args))}
+
+
+def default_key_metric(
+    bundle_root: str | os.PathLike, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None
+) -> str:
+    """``global_val_<key_metric_name>``: the bundle's key validation metric of the global model, as sites report it."""
+    parser = bundle_parser(bundle_root, config_files, overrides)
+    name = parser.get_parsed_content("key_metric_name") if "key_metric_name" in parser else "accuracy"
+    return f"global_val_{name}"
+
+
+def stage_bundle(bundle_root: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy the bundle's ``configs/`` and ``scripts/`` (no checkpoints, no caches) to ``dest`` for the job.
+
+    NVFlare copies ``dest``'s content into every app's ``custom/`` folder, which is on the app's ``sys.path``:
+    the server imports ``scripts.network`` from there and each site's ``custom/`` is a complete bundle root.
+    """
+    bundle_root, dest = Path(bundle_root), Path(dest)
+    for sub in ("configs", "scripts"):
+        if not (bundle_root / sub).is_dir():
+            raise FileNotFoundError(f"bundle folder missing: {bundle_root / sub}")
+        shutil.copytree(bundle_root / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def _arg(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    if any(c.isspace() for c in text):
+        raise ValueError(f"NVFlare splits script arguments on whitespace; argument {text!r} has some.")
+    return text
+
+
+def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged_bundle: str | os.PathLike):
+    """Build the NVFlare recipe of the LCA-DB job from parsed :func:`build_arg_parser` arguments."""
+    config_files = args.config_file or ["configs/train.json"]
+    overrides = parse_overrides(args.override)
+    min_clients = args.min_clients or len(args.sites)
+    if not 1 <= min_clients <= len(args.sites):
+        raise ValueError(f"min_clients must be in [1, {len(args.sites)}] (the number of sites), got {min_clients}.")
+    if args.num_rounds < 1 or args.local_epochs < 1:
+        raise ValueError(f"num_rounds and local_epochs must be >= 1, got {args.num_rounds} and {args.local_epochs}.")
+    if args.privacy_percentile is not None and not (0 <= args.privacy_percentile <= 100 and args.privacy_gamma > 0):
+        raise ValueError(
+            f"privacy_percentile must be in [0, 100] and privacy_gamma > 0, got {args.privacy_percentile} and "
+            f"{args.privacy_gamma}."
+        )
+
+    train_args = [f"--local_epochs {args.local_epochs}"]
+    train_args += [f"--config_file {_arg(c)}" for c in config_files]
+    train_args += [f"--override {_arg(k)}={_arg(v)}" for k, v in overrides.items()]
+    if args.fedbn:
+        train_args.append("--fedbn")
+    shared_args = " ".join(train_args)
+
+    model = network_model_config(args.bundle_root, config_files, overrides)
+    persistor = BundleCheckpointPersistor(
+        model={"path": model["class_path"], "args": model["args"]}, source_ckpt_file_full_name=args.initial_ckpt
+    )
+    recipe = LCADBFedAvgRecipe(
+        name=args.name,
+        min_clients=min_clients,
+        num_rounds=args.num_rounds,
+        model_persistor=persistor,
+        train_script="client.py",  # relative: resolved in FEDERATED_DIR now, in custom/ at the sites
+        train_args=shared_args,
+        fedprox_mu=args.fedprox_mu,
+        wait_time_after_min_received=args.wait_after_min,
+        key_metric=args.key_metric or default_key_metric(args.bundle_root, config_files, overrides),
+    )
+    # per-site data: only the data path differs between sites
+    site_args = {site: shared_args for site in args.sites}
+    site_args.update({site: f"{shared_args} --data_root {_arg(path)}" for site, path in data_roots.items()})
+    set_per_site_config(recipe, {site: {"train_args": a} for site, a in site_args.items()})
+    recipe.add_server_file(str(staged_bundle))
+    recipe.add_client_file(str(staged_bundle))
+    if args.privacy_percentile is not None:
+        # clips and sparsifies each site's weight difference before it leaves the site; NOT differential privacy
+        recipe.add_client_output_filter(
+            PercentilePrivacy(percentile=args.privacy_percentile, gamma=args.privacy_gamma), tasks=["train"]
+        )
+    if args.tracking == "tensorboard":
+        add_experiment_tracking(recipe, "tensorboard")
+    if args.cross_site_eval == "global":
+        add_final_global_evaluation(recipe)
+    elif args.cross_site_eval == "full":
+        add_cross_site_evaluation(recipe)
+    return recipe
+
+
+@contextlib.contextmanager
+def in_job_dir():
+    """Work in ``federated/`` while the recipe is built and run: NVFlare resolves ``client.py`` (and its imports)
+    relative to the working directory, and the sites run it from their ``custom/`` folder under the same name."""
+    previous = os.getcwd()
+    os.chdir(FEDERATED_DIR)
+    try:
+        yield FEDERATED_DIR
+    finally:
+        os.chdir(previous)
+
+
+def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Make the path arguments absolute (relative to the caller's directory) before :func:`in_job_dir`."""
+    for name in ("data_root", "bundle_root", "workspace", "startup_kit", "output_ckpt", "initial_ckpt"):
+        value = getattr(args, name, None)
+        if value:
+            setattr(args, name, str(Path(value).expanduser().resolve()))
+    args.site_data = [
+        f"{site}={Path(path).expanduser().resolve()}" if sep else pair
+        for pair in args.site_data
+        for site, sep, path in [pair.partition("=")]
+    ]
+    return args
+
+
+def find_global_checkpoint(result_dir: str | os.PathLike) -> Path | None:
+    """The server's bundle checkpoint (``app_server/models/model.pt``) inside a job result folder, if any."""
+    matches = sorted(Path(result_dir).rglob(str(GLOBAL_CKPT)))
+    return matches[0] if matches else None
+
+
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not nvflare.__version__.startswith(NVFLARE_VERSION):
+        logger.warning(f"written for NVFlare {NVFLARE_VERSION}.x (recipe API), found {nvflare.__version__}")
+    args = resolve_paths(build_arg_parser().parse_args(argv))
+    data_roots = site_data_roots(args.sites, args.data_root, args.site_data)
+    with tempfile.TemporaryDirectory(prefix="lcadb_bundle_") as tmp, in_job_dir():
+        recipe = build_recipe(args, data_roots, stage_bundle(args.bundle_root, Path(tmp) / "bundle"))
+        if args.startup_kit:
+            env = ProdEnv(startup_kit_location=args.startup_kit, username=args.username)
+        else:
+            env = SimEnv(clients=list(args.sites), num_threads=args.threads, workspace_root=args.workspace)
+        run = recipe.execute(env)
+        logger.info(f"Job {run.get_job_id()} submitted; waiting for it to finish")
+        result = run.get_result()
+    logger.info(f"Job status: {run.get_status()}; results (logs, TensorBoard events, cross-site metrics): {result}")
+    ckpt = find_global_checkpoint(result) if result else None
+    if ckpt is None:
+        logger.error("No global bundle checkpoint found in the job result.")
+        return None
+    if args.output_ckpt:
+        Path(args.output_ckpt).parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = Path(args.output_ckpt).with_name(f".{Path(args.output_ckpt).name}.tmp")
+        shutil.copyfile(ckpt, tmp_out)
+        os.replace(tmp_out, args.output_ckpt)
+        ckpt = Path(args.output_ckpt)
+    logger.info(f"Global model (bundle checkpoint, network state_dict): {ckpt}")
+    return ckpt
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,317 @@
+# Copyright (c) LCA-DB MONAI plugin contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Federated training (federated/): site logic without NVFlare, job export, NVFlare simulator, PoC, provisioning.
+
+Real NVFlare, MONAI and bundle runs on tiny synthetic data (depth 10, widen 0.125, ROI 32x32x8); nothing is mocked.
+The simulator and PoC runs are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FEDERATED = REPO_ROOT / "federated"
+BUNDLE = REPO_ROOT / "bundle"
+if str(FEDERATED) not in sys.path:
+    sys.path.insert(0, str(FEDERATED))
+
+import fl_site  # noqa: E402
+import job  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
+
+SITES = ("site_a", "site_b", "site_c")
+TINY = {
+    "network_def#widen_factor": 0.125,
+    "roi_size": [32, 32, 8],
+    "patch_size": 16,
+    "num_workers": 0,
+    "batch_size": 4,
+}
+TINY_ARGS = [a for k, v in TINY.items() for a in ("--override", f"{k}={json.dumps(v, separators=(',', ':'))}")]
+#: job.py arguments that keep a simulator run short (no TensorBoard receiver, final global evaluation only)
+FAST_JOB_ARGS = ["--local_epochs", "1", "--tracking", "none", *TINY_ARGS]
+
+
+@pytest.fixture(scope="session")
+def fed_data(tmp_path_factory) -> dict[str, Path]:
+    """Three synthetic sites (7 cases each, own scanner profile and class mix) and a pooled test set."""
+    from scripts.synthetic import generate_federated_datasets
+
+    root = tmp_path_factory.mktemp("fed_data")
+    return generate_federated_datasets(root, SITES, cases_per_site=7, seed=0, test_cases_per_site=1, progress=False)
+
+
+def tiny_network() -> torch.nn.Module:
+    """The bundle's network_def with the tiny overrides, built from train.json like the bundle does."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update(TINY)
+    return parser.get_parsed_content("network_def")
+
+
+def load_bundle_checkpoint(path: Path) -> torch.nn.Module:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = tiny_network()
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# site logic, no NVFlare
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_check_site_data_names_site_and_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Site 'site_x': dataset folder does not exist: .*nowhere"):
+        fl_site.check_site_data("site_x", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"Site 'site_x': .* has no datalist: .*datalist.json is missing"):
+        fl_site.check_site_data("site_x", tmp_path)
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match=r"Site 'site_x': the datalist .*datalist.json has no 'training' cases"):
+        fl_site.check_site_data("site_x", tmp_path)
+    with pytest.raises(ValueError, match=r"Site 'site_x': no dataset configured.*LCADB_DATA_ROOT"):
+        fl_site.check_site_data("site_x", None)
+
+
+def test_exchanged_keys_fedbn_keeps_batchnorm_local():
+    net = tiny_network()
+    state = net.state_dict()
+    bn = fl_site.batchnorm_keys(net)
+    bn3d = [(n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert bn3d and bn == {f"{n}.{k}" for n, m in bn3d for k in m.state_dict()}
+    shared = fl_site.exchanged_keys(net)
+    assert not any(k.endswith("num_batches_tracked") for k in shared)
+    assert set(shared) == {k for k in state if not k.endswith("num_batches_tracked")}
+    fedbn = fl_site.exchanged_keys(net, fedbn=True)
+    assert set(fedbn) == set(shared) - bn and any("running_mean" in k for k in bn)
+
+
+def test_parse_overrides():
+    assert fl_site.parse_overrides(["a#b=0.5", "roi_size=[32,32,8]", "name=text"]) == {
+        "a#b": 0.5,
+        "roi_size": [32, 32, 8],
+        "name": "text",
+    }
+    with pytest.raises(ValueError, match="id=value"):
+        fl_site.parse_overrides(["novalue"])
+
+
+def test_fedprox_handler_adds_proximal_term():
+    """The handler adds mu/2 ||w - w_global||^2 to a MONAI SupervisedTrainer's loss before backward."""
+    from monai.engines import SupervisedTrainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    data = [{"image": torch.randn(4, 3), "label": torch.randint(0, 2, (4,))}]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+        loss_function=torch.nn.CrossEntropyLoss(),
+    )
+    handler = fl_site.FedProxHandler()
+    handler.attach(trainer)
+    handler.set_reference(net, 0.5)
+    with torch.no_grad():
+        net.weight += 1.0  # move away from the anchor: ||w - w_global||^2 = 6 (weights) + 0 (bias)
+    plain = torch.nn.functional.cross_entropy(net(data[0]["image"]), data[0]["label"])
+    trainer.run()
+    loss = trainer.state.output[0]["loss"]  # decollated: a tensor or a float
+    loss = loss.item() if torch.is_tensor(loss) else float(loss)
+    assert loss == pytest.approx(float(plain) + 0.5 / 2 * 6, rel=1e-5)
+    with pytest.raises(ValueError, match="mu must be >= 0"):
+        handler.set_reference(net, -1.0)
+
+
+def test_run_site_without_nvflare(fed_data, tmp_path):
+    """One round of the bundle's own training on one site: a weight difference over the exchanged keys."""
+    initial = tiny_network().state_dict()
+    result = fl_site.run_site("site_a", fed_data["site_a"], BUNDLE, 1, initial, work_dir=tmp_path, overrides=TINY)
+    net = tiny_network()
+    assert list(result.weight_diff) == fl_site.exchanged_keys(net)
+    assert result.num_steps > 0
+    assert "global_val_accuracy" in result.metrics and "train_loss" in result.metrics
+    assert any(float(d.abs().max()) > 0 for d in result.weight_diff.values())
+    # the site's bundle outputs land in work_dir, not in the bundle
+    assert (tmp_path / "models" / "model_final.pt").is_file()
+    # FedBN: BatchNorm parameters and statistics are neither sent nor overwritten
+    fedbn = fl_site.SiteTrainer("site_b", fed_data["site_b"], BUNDLE, 1, tmp_path / "b", overrides=TINY, fedbn=True)
+    before = {k: v.clone() for k, v in fedbn.network.state_dict().items()}
+    fedbn.load_global({k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in initial.items()})
+    after = fedbn.network.state_dict()
+    bn = fl_site.batchnorm_keys(fedbn.network)
+    assert all(torch.equal(after[k], before[k]) for k in bn)
+    assert all(torch.all(after[k] == 0.5) for k in fedbn.keys if after[k].is_floating_point())
+    with pytest.raises(ValueError, match="Site 'site_b': global weight .* has shape"):
+        fedbn.load_global({k: torch.zeros(1) for k in initial})
+
+
+def test_run_site_missing_data_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Site 'site_z': dataset folder does not exist: .*missing_site"):
+        fl_site.run_site("site_z", tmp_path / "missing_site", BUNDLE, 1, overrides=TINY)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# job definition (exported, not run)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_job_export_ships_bundle_and_per_site_data(tmp_path):
+    args = job.resolve_paths(
+        job.build_arg_parser().parse_args(
+            "--sites site_a site_b --fedprox_mu 0.01 --fedbn --privacy_percentile 10 --min_clients 1".split()
+            + ["--data_root", str(tmp_path / "data"), "--site_data", f"site_b={tmp_path / 'elsewhere'}", *TINY_ARGS]
+        )
+    )
+    roots = job.site_data_roots(args.sites, args.data_root, args.site_data)
+    assert roots == {"site_a": str(tmp_path / "data" / "site_a"), "site_b": str(tmp_path / "elsewhere")}
+    with job.in_job_dir():
+        recipe = job.build_recipe(args, roots, job.stage_bundle(BUNDLE, tmp_path / "stage"))
+        recipe.export(str(tmp_path / "exported"))
+    exported = tmp_path / "exported" / args.name
+    meta = json.loads((exported / "meta.json").read_text())
+    assert meta["min_clients"] == 1
+    server = (exported / "app_server" / "config" / "config_fed_server.json").read_text()
+    assert "fl_server.ResilientFedAvg" in server and "fl_server.BundleCheckpointPersistor" in server
+    assert '"fedprox_mu": 0.01' in server and '"widen_factor": 0.125' in server
+    assert (exported / "app_server" / "custom" / "scripts" / "network.py").is_file()
+    for site in args.sites:
+        app = exported / f"app_{site}"
+        for name in ("client.py", "fl_site.py", "configs/train.json", "scripts/network.py"):
+            assert (app / "custom" / name).is_file(), name
+        assert not (app / "custom" / "models").exists()
+        client = (app / "config" / "config_fed_client.json").read_text()
+        assert f"--data_root {roots[site]}" in client and "--fedbn" in client
+        assert "PercentilePrivacy" in client
+
+
+def test_site_data_rejects_unknown_site_and_spaces():
+    with pytest.raises(ValueError, match="site=path"):
+        job.site_data_roots(["site_a"], None, ["site_q=/x"])
+    with pytest.raises(ValueError, match="whitespace"):
+        job.site_data_roots(["site_a"], None, ["site_a=/a b"])
+
+
+def test_build_recipe_rejects_bad_settings(tmp_path):
+    parser = job.build_arg_parser()
+    for argv, message in [
+        (["--sites", "site_a", "--min_clients", "2"], "min_clients must be in"),
+        (["--local_epochs", "0"], "num_rounds and local_epochs must be >= 1"),
+        (["--privacy_percentile", "120"], "privacy_percentile must be in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            job.build_recipe(parser.parse_args(argv), {}, tmp_path)
+
+
+def test_project_yml_provisions_every_hospital(tmp_path):
+    """`nvflare provision -p federated/project.yml` builds a startup kit per hospital, server and admin."""
+    nvflare = Path(sys.executable).parent / "nvflare"
+    subprocess.run([str(nvflare), "provision", "-p", str(FEDERATED / "project.yml"), "-w", str(tmp_path)], check=True)
+    prod = tmp_path / "lcadb_federation" / "prod_00"
+    for kit in ("fl-server.example.org", "hospital-a", "hospital-b", "hospital-c"):
+        assert (prod / kit / "startup" / "start.sh").is_file(), kit
+    assert (prod / "admin@coordinating-center.example.org" / "startup").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NVFlare runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
+    initial = tiny_network().state_dict()
+    init_ckpt = fl_site.save_state_dict(initial, tmp_path / "initial.pt")
+    ckpt = job.main(
+        "--name sim2 --sites site_a site_b --num_rounds 2".split()
+        + ["--data_root", str(fed_data["site_a"].parent), "--initial_ckpt", str(init_ckpt)]
+        + ["--workspace", str(tmp_path / "ws"), "--output_ckpt", str(tmp_path / "out" / "model.pt"), *FAST_JOB_ARGS]
+    )
+    assert ckpt == tmp_path / "out" / "model.pt"
+    final = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert list(final) == list(initial)
+    assert all(final[k].dtype == initial[k].dtype for k in final)
+    changed = [k for k in final if final[k].is_floating_point() and not torch.equal(final[k], initial[k])]
+    assert len(changed) > len(final) // 2
+    load_bundle_checkpoint(ckpt)
+    # the bundle's ckpt_export accepts it (TorchScript with the inference config, what the deploy app loads)
+    from monai.bundle import ckpt_export
+
+    ts = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts),
+        ckpt_file=str(ckpt),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        config_file=str(BUNDLE / "configs" / "inference.json"),
+        use_trace=True,
+        input_shape=[1, 8, 32, 32, 8],
+        **{k: v for k, v in TINY.items() if k not in ("num_workers", "batch_size")},
+    )
+    probabilities = torch.jit.load(str(ts))(torch.randn(1, 8, 32, 32, 8))
+    assert probabilities.shape == (1, 7) and torch.allclose(probabilities.sum(), torch.tensor(1.0), atol=1e-4)
+    # the final global model was evaluated on every site
+    result = tmp_path / "ws" / "sim2" / "server" / "simulate_job"
+    cse = json.loads((result / "cross_site_val" / "cross_val_results.json").read_text())
+    assert set(cse) == {"site_a", "site_b"} and all("val_accuracy" in m["SRV_FL_global_model.pt"] for m in cse.values())
+
+
+@pytest.mark.slow
+def test_simulator_broken_site_job_finishes_with_min_clients(fed_data, tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    ckpt = job.main(
+        ["--name", "broken", "--sites", *SITES, "--min_clients", "2", "--num_rounds", "2"]
+        + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_c={missing}"]
+        + ["--workspace", str(tmp_path / "ws"), *FAST_JOB_ARGS]
+    )
+    assert ckpt is not None and ckpt.is_file()
+    load_bundle_checkpoint(ckpt)
+    server_log = (tmp_path / "ws" / "broken" / "server" / "log.txt").read_text()
+    assert "Site site_c failed in round 0" in server_log
+    assert f"Site 'site_c': dataset folder does not exist: {missing}" in server_log
+    assert "Round 1: training on sites ['site_a', 'site_b']" in server_log
+    site_log = (tmp_path / "ws" / "broken" / "site_c" / "log.txt").read_text()
+    assert f"Site 'site_c': dataset folder does not exist: {missing}" in site_log
+
+
+@pytest.mark.slow
+def test_simulator_fails_clearly_below_min_clients(fed_data, tmp_path):
+    with pytest.raises(RuntimeError, match="Simulation failed"):
+        job.main(
+            "--name toofew --sites site_a site_b --num_rounds 1 --cross_site_eval none".split()
+            + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_b={tmp_path / 'gone'}"]
+            + ["--workspace", str(tmp_path / "ws"), *FAST_JOB_ARGS]
+        )
+    server_log = (tmp_path / "ws" / "toofew" / "server" / "log.txt").read_text()
+    assert "only 1 site(s) delivered a model, fewer than min_clients=2" in server_log
+
+
+@pytest.mark.slow
+def test_poc_real_processes_on_localhost(fed_data, tmp_path):
+    import poc
+
+    ckpt = poc.main(
+        "--name poc2 --sites site_a site_b --num_rounds 1 --timeout 600".split()
+        + ["--data_root", str(fed_data["site_a"].parent), "--workspace", str(tmp_path / "ws")]
+        + ["--poc_workspace", str(tmp_path / "poc"), *FAST_JOB_ARGS]
+    )
+    assert ckpt is not None and ckpt.is_file()
+    load_bundle_checkpoint(ckpt)
+    assert not (tmp_path / "poc").exists()  # PoC stopped and cleaned up
