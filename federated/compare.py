@@ -19,9 +19,10 @@
 3. Each final model is evaluated with the bundle's ``evaluate.json`` on the pooled test set; the table reports
    macro-F1 (and accuracy, Cohen's kappa).
 
-Example (the README's numbers)::
+Example (the README's main table, data seeds 0 and 1)::
 
-    python federated/compare.py --work_dir /tmp/lcadb_compare
+    python federated/compare.py --work_dir /tmp/lcadb_compare24_s0 --seed 0
+    python federated/compare.py --work_dir /tmp/lcadb_compare24_s1 --seed 1
 
 Synthetic data only: this says nothing about real LLD-MMRI performance.
 """
@@ -138,8 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases_per_site", type=int, default=28)
     p.add_argument("--test_cases_per_site", type=int, default=14)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--total_epochs", type=int, default=12)
-    p.add_argument("--num_rounds", type=int, default=6)
+    p.add_argument("--total_epochs", type=int, default=24)
+    p.add_argument("--num_rounds", type=int, default=12)
     p.add_argument("--override", action="append", default=[], help="extra bundle override id=value")
     p.add_argument("--skip", nargs="*", default=[], choices=["centralized", "sites", "fedavg"], help="reuse results")
     return p
