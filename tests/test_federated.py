@@ -30,18 +30,13 @@ BUNDLE = REPO_ROOT / "bundle"
 if str(FEDERATED) not in sys.path:
     sys.path.insert(0, str(FEDERATED))
 
+import compare  # noqa: E402
 import fl_site  # noqa: E402
 import job  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
 SITES = ("site_a", "site_b", "site_c")
-TINY = {
-    "network_def#widen_factor": 0.125,
-    "roi_size": [32, 32, 8],
-    "patch_size": 16,
-    "num_workers": 0,
-    "batch_size": 4,
-}
+TINY = {**compare.TINY_OVERRIDES, "batch_size": 4}
 TINY_ARGS = [a for k, v in TINY.items() for a in ("--override", f"{k}={json.dumps(v, separators=(',', ':'))}")]
 #: job.py arguments that keep a simulator run short (no TensorBoard receiver, final global evaluation only)
 FAST_JOB_ARGS = ["--local_epochs", "1", "--tracking", "none", *TINY_ARGS]
