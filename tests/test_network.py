@@ -188,6 +188,28 @@ def test_torchscript_trace_and_onnx_match_eager(tmp_path):
         torch.testing.assert_close(torch.from_numpy(ours), theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("return_attention", [False, True])
+def test_torchscript_script_matches_eager(return_attention, tmp_path):
+    """``torch.jit.script`` (what the model zoo's ``ckpt_export`` uses) compiles both networks and keeps their numerics."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 64, 64, 8)
+    for network in (LCADB(**TINY).eval(), LCADBInference(return_attention=return_attention, **TINY).eval()):
+        scripted = torch.jit.script(network)
+        torch.jit.save(scripted, str(tmp_path / "net.ts"))
+        loaded = torch.jit.load(str(tmp_path / "net.ts"))
+        with torch.no_grad():
+            eager = network(x)
+            eager = (eager,) if isinstance(eager, torch.Tensor) else tuple(eager)
+            for compiled in (scripted, loaded):
+                out = compiled(x)
+                out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+                assert len(out) == len(eager)
+                for ours, theirs in zip(out, eager):
+                    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        with pytest.raises(torch.jit.Error, match=r"expects input of shape \[B, 8, 64, 64, 8\].*got \[1, 8, 64, 64, 16\]"):
+            loaded(torch.randn(1, 8, 64, 64, 16))
+
+
 def test_probabilities_only_by_default():
     network = LCADBInference(**TINY).eval()
     with torch.no_grad():

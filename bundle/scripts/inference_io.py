@@ -43,7 +43,7 @@ idist, _ = optional_import("ignite.distributed")
 nib, _ = optional_import("nibabel")
 plt, _ = optional_import("matplotlib.pyplot")
 
-__all__ = ["AttentionMapWriter", "PredictionWriter", "SplitNetworkOutput", "find_cases"]
+__all__ = ["AttentionMapWriter", "CaseList", "PredictionWriter", "SplitNetworkOutput", "find_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,41 @@ def _phase_file(case_dir: Path, phase: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+class CaseList(Sequence):
+    """The cases of :func:`find_cases`, looked up by :meth:`find`, not when the config is parsed.
+
+    ``inference.json`` builds its dataset on this and calls :meth:`find` first in ``run``, so parsing the
+    config or checking the workflow's properties reads no input (and does not generate the default
+    dataset); the cases are still found and checked before any image is loaded. Until then the list has
+    no length (``len`` raises ``TypeError``, which MONAI's workflows take as "length not known yet").
+
+    Args:
+        input_path: as for :func:`find_cases`.
+        split: as for :func:`find_cases`.
+        phases: as for :func:`find_cases`.
+    """
+
+    def __init__(self, input_path: str | os.PathLike, split: str = "test", phases: Sequence[str] = PHASES) -> None:
+        self.input_path = input_path
+        self.split = split
+        self.phases = tuple(phases)
+        self._cases: list[dict] | None = None
+
+    def find(self) -> list[dict]:
+        """Look the cases up (once) with :func:`find_cases` and return them."""
+        if self._cases is None:
+            self._cases = find_cases(self.input_path, self.split, self.phases)
+        return self._cases
+
+    def __len__(self) -> int:
+        if self._cases is None:
+            raise TypeError("the cases have not been looked up yet: call CaseList.find() first.")
+        return len(self._cases)
+
+    def __getitem__(self, index):
+        return self.find()[index]
 
 
 def find_cases(input_path: str | os.PathLike, split: str = "test", phases: Sequence[str] = PHASES) -> list[dict]:

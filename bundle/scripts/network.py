@@ -97,16 +97,20 @@ class LossBasedAttention(nn.Module):
         self.gamma = gamma
         self.threshold = threshold
 
-    def forward(self, features: torch.Tensor, classifier: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
             features: instance features ``[B, N, F]``.
-            classifier: the branch's linear classifier ``F -> num_classes``.
+            weight: the branch classifier's weight ``[num_classes, F]`` (the classifier's parameters rather than
+                the ``nn.Linear`` itself, so that ``torch.jit.script`` can compile the call).
+            bias: the branch classifier's bias ``[num_classes]``.
 
         Returns:
             pooled features ``[B, F]``, instance logits ``[B, N, num_classes]``, attention ``[B, N]``.
         """
-        instance_logits = classifier(features)
+        instance_logits = F.linear(features, weight, bias)
         scores = torch.linalg.vector_norm(instance_logits, dim=-1)
         attention = scores / scores.sum(dim=1, keepdim=True)
         attention = F.relu(attention - self.threshold / self.gamma)
@@ -230,7 +234,7 @@ class PatchBranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[B, C, H, W, D]`` to instance features ``[B, N, F]``, patches row-major over (h, w)."""
-        batch, channels, height, width, depth = x.shape
+        batch, channels, height, width, depth = x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4]
         p = self.patch_size
         grid_h, grid_w = height // p, width // p
         # 'b c (h p1) (w p2) d -> (b h w) c d p1 p2', as the reference cuts patches
@@ -339,13 +343,18 @@ class LCADB(nn.Module):
         Raises:
             ValueError: when ``x`` is not ``[B, in_channels, *roi_size]``.
         """
-        if not torch.jit.is_tracing() and tuple(x.shape[1:]) != (self.in_channels, *self.roi_size):
-            raise ValueError(
-                f"LCADB expects input of shape [B, {self.in_channels}, {', '.join(map(str, self.roi_size))}] "
-                f"(batch, phases, H, W, D), got {list(x.shape)}."
-            )
-        pooled_ia, instance_logits_ia, attention_ia = self.attention_ia(self.image_branch(x), self.classifier_ia)
-        pooled_pa, instance_logits_pa, attention_pa = self.attention_pa(self.patch_branch(x), self.classifier_pa)
+        return self.forward_all(x)
+
+    def forward_all(self, x: torch.Tensor) -> LCADBOutput:
+        """:meth:`forward`, callable by subclasses: TorchScript compiles no ``super()`` call."""
+        if not torch.jit.is_tracing():
+            self._check_input(x)
+        pooled_ia, instance_logits_ia, attention_ia = self.attention_ia(
+            self.image_branch(x), self.classifier_ia.weight, self.classifier_ia.bias
+        )
+        pooled_pa, instance_logits_pa, attention_pa = self.attention_pa(
+            self.patch_branch(x), self.classifier_pa.weight, self.classifier_pa.bias
+        )
         return LCADBOutput(
             logits=self.bag_classifier(pooled_ia + pooled_pa),
             logits_ia=self.classifier_ia(pooled_ia),
@@ -356,12 +365,21 @@ class LCADB(nn.Module):
             attention_pa=attention_pa,
         )
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, *roi_size]`` (written so TorchScript compiles it)."""
+        expected = [self.in_channels, self.roi_size[0], self.roi_size[1], self.roi_size[2]]
+        if x.dim() != 5 or list(x.shape[1:]) != expected:
+            raise ValueError(
+                f"LCADB expects input of shape [B, {self.in_channels}, {self.roi_size[0]}, {self.roi_size[1]}, "
+                f"{self.roi_size[2]}] (batch, phases, H, W, D), got {list(x.shape)}."
+            )
+
 
 class LCADBInference(LCADB):
     """LCA-DB for deployment: class probabilities, and optionally both attention maps on the patch grid.
 
     Same constructor and ``state_dict`` as :class:`LCADB` (a training checkpoint loads as is), plus
-    ``return_attention``. It returns plain tensors, so ``torch.jit.trace``, ONNX export and
+    ``return_attention``. It returns plain tensors, so ``torch.jit.script``, ``torch.jit.trace``, ONNX export and
     ``python -m monai.bundle verify_net_in_out`` work on it.
 
     Args:
@@ -382,9 +400,9 @@ class LCADBInference(LCADB):
             probabilities ``[B, num_classes]``; with ``return_attention`` the tuple (probabilities,
             attention_ia, attention_pa), each attention map ``[B, H / patch_size, W / patch_size]``.
         """
-        output = super().forward(x)
+        output = self.forward_all(x)
         probabilities = torch.softmax(output.logits, dim=1)
         if not self.return_attention:
             return probabilities
-        grid = (x.shape[0], *self.grid_size)
+        grid = [x.shape[0], self.grid_size[0], self.grid_size[1]]
         return probabilities, output.attention_ia.reshape(grid), output.attention_pa.reshape(grid)

@@ -48,6 +48,7 @@ __all__ = [
     "SiteProfile",
     "SynthOptions",
     "default_dataset",
+    "DefaultDatasetPath",
     "generate_dataset",
     "generate_federated_datasets",
     "main",
@@ -432,6 +433,27 @@ def default_dataset(
         if not marker.is_file():  # a concurrent process finished first, or the folder is broken
             raise
     return target
+
+
+class DefaultDatasetPath(os.PathLike):
+    """The embedded default dataset's folder as a path-like that generates the dataset on first use.
+
+    The bundle configs' ``dataset_dir`` default: parsing a config or checking a workflow's properties
+    builds this object and nothing more; the dataset is generated (once, cached) only when the data
+    loader asks for the path through ``os.fspath``.
+
+    Args:
+        cache_dir: cache folder, as for :func:`default_dataset`.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        self.cache_dir = cache_dir
+
+    def __fspath__(self) -> str:
+        return str(default_dataset(self.cache_dir))
+
+    def __repr__(self) -> str:
+        return f"DefaultDatasetPath({str(_cache_root(self.cache_dir) / default_dataset_name())!r})"
 
 
 # --------------------------------------------------------------------------------- released layout
