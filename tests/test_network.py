@@ -190,7 +190,7 @@ def test_torchscript_trace_and_onnx_match_eager(tmp_path):
 
 @pytest.mark.parametrize("return_attention", [False, True])
 def test_torchscript_script_matches_eager(return_attention, tmp_path):
-    """``torch.jit.script`` (what the model zoo's ``ckpt_export`` uses) compiles both networks and keeps their numerics."""
+    """``torch.jit.script`` (what the model zoo's ``ckpt_export`` uses) compiles both networks, same numerics."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 64, 64, 8)
     for network in (LCADB(**TINY).eval(), LCADBInference(return_attention=return_attention, **TINY).eval()):
@@ -206,7 +206,8 @@ def test_torchscript_script_matches_eager(return_attention, tmp_path):
                 assert len(out) == len(eager)
                 for ours, theirs in zip(out, eager):
                     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-        with pytest.raises(torch.jit.Error, match=r"expects input of shape \[B, 8, 64, 64, 8\].*got \[1, 8, 64, 64, 16\]"):
+        expected = r"expects input of shape \[B, 8, 64, 64, 8\].*got \[1, 8, 64, 64, 16\]"
+        with pytest.raises(torch.jit.Error, match=expected):
             loaded(torch.randn(1, 8, 64, 64, 16))
 
 

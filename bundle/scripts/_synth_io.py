@@ -51,7 +51,7 @@ class CaseRecord:
 def datalist_item(case: str, label: int, fold: int | None) -> dict:
     """The MONAI datalist item of contracts.md: one key per phase, ``image`` (PHASES order), case, label, fold."""
     paths = [f"images/{case}/{PHASE_FILE_NAMES[p]}.nii.gz" for p in PHASES]
-    item: dict = {phase: path for phase, path in zip(PHASES, paths)}
+    item: dict = dict(zip(PHASES, paths))
     item["image"] = paths
     item["case"] = case
     item["label"] = int(label)
@@ -67,7 +67,7 @@ def stratified_folds(labels: Sequence[int], num_folds: int, rng: np.random.Gener
         raise ValueError(f"num_folds must be >= 1, got {num_folds}.")
     folds = [0] * len(labels)
     start = 0
-    for label in sorted(set(int(v) for v in labels)):
+    for label in sorted({int(v) for v in labels}):
         idx = [i for i, v in enumerate(labels) if int(v) == label]
         idx = [idx[j] for j in rng.permutation(len(idx))]
         for j, i in enumerate(idx):

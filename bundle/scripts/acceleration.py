@@ -54,10 +54,7 @@ def cpu_supports_fast_bfloat16() -> bool:
 
 
 def freeze_for_cpu_export(
-    model: torch.nn.Module,
-    example: torch.Tensor,
-    bfloat16_modules: Sequence[str] = (),
-    chain_bfloat16: bool = False,
+    model: torch.nn.Module, example: torch.Tensor, bfloat16_modules: Sequence[str] = (), chain_bfloat16: bool = False
 ) -> torch.jit.ScriptModule:
     """A frozen TorchScript copy of ``model`` for CPU inference that ``torch.jit.save`` can write.
 
@@ -106,10 +103,7 @@ def freeze_for_cpu_export(
 
 
 def freeze_for_cpu_inference(
-    model: torch.nn.Module,
-    example: torch.Tensor,
-    bfloat16_modules: Sequence[str] = (),
-    chain_bfloat16: bool = False,
+    model: torch.nn.Module, example: torch.Tensor, bfloat16_modules: Sequence[str] = (), chain_bfloat16: bool = False
 ) -> torch.jit.ScriptModule:
     """A frozen TorchScript copy of ``model`` for CPU inference in this process, with BatchNorm folded into the
     convolutions.

@@ -39,10 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 def import_reference_checkpoint(
-    checkpoint: str | os.PathLike,
-    output: str | os.PathLike,
-    overwrite: bool = False,
-    **network_kwargs,
+    checkpoint: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False, **network_kwargs
 ) -> Path:
     """Convert a reference checkpoint into a bundle checkpoint (the network ``state_dict``, as ``models/model.pt``).
 

@@ -84,7 +84,10 @@ class InvalidCaseError(ValueError):
         self.case = case
         self.file = str(file)
         self.reason = reason
-        super().__init__(f"case {case!r}, file {self.file}: {reason}")
+        super().__init__(case, file, reason)  # all arguments, so that pickle and copy rebuild the error
+
+    def __str__(self) -> str:
+        return f"case {self.case!r}, file {self.file}: {self.reason}"
 
 
 @dataclass(frozen=True)

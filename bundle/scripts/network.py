@@ -48,6 +48,8 @@ RESNET_LAYOUTS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 #: ordinary stem, as wide as stage 1.
 STEMS = ("reference", "resnet")
 
+_NUM_PHASES = len(PHASES)
+_NUM_CLASSES = len(LESION_CLASSES)
 _STAGE_WIDTHS = (64, 128, 256, 512)
 _STAGE_STRIDES = (1, 2, 2, 2)
 #: Stride of the instance head's first convolution along the slice axis (the reference's ``stride=4``).
@@ -272,8 +274,8 @@ class LCADB(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = len(PHASES),
-        num_classes: int = len(LESION_CLASSES),
+        in_channels: int = _NUM_PHASES,
+        num_classes: int = _NUM_CLASSES,
         depth: int = 10,
         widen_factor: float = 1.0,
         roi_size: Sequence[int] = DEFAULT_ROI_SIZE,

@@ -429,7 +429,7 @@ def default_dataset(
     try:
         workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
         generate_dataset(target, options=options, progress=progress, num_workers=workers, **spec)
-    except (FileExistsError, OSError):
+    except OSError:  # FileExistsError included
         if not marker.is_file():  # a concurrent process finished first, or the folder is broken
             raise
     return target

@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_NUM_CLASSES = len(LESION_CLASSES)
 
 #: Which cases of a split :func:`load_datalist` returns.
 SUBSETS = ("all", "train", "val")
@@ -74,7 +75,7 @@ def load_datalist(
     subset: str = "all",
     datalist_file: str | os.PathLike | None = None,
     phases: Sequence[str] = PHASES,
-    num_classes: int = len(LESION_CLASSES),
+    num_classes: int = _NUM_CLASSES,
 ) -> list[dict]:
     """The checked cases of one split of a dataset in the LCA-DB classification layout.
 
