@@ -55,6 +55,7 @@ __all__ = [
 #: The tiny network of the tests (contracts.md), as overrides of the bundle's inference.json.
 TINY_OVERRIDES = {
     "roi_size": [64, 64, 8],
+    "patch_size": 32,
     "network_def#depth": 10,
     "network_def#widen_factor": 0.125,
     "save_attention": True,
