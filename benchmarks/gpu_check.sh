@@ -19,3 +19,5 @@ run() { local name=$1; shift; timeout 150 python3 benchmarks/benchmark.py --devi
 run reference_eager_bf16_cl
 run reference_compiled --compile
 run resnet_compiled --stem resnet --compile
+# peak GPU memory per bundle config, for the model card (issue 10)
+timeout 120 python3 benchmarks/gpu_memory.py --json "$out/gpu_memory.json" 2>&1 | grep -v Warning

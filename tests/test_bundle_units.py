@@ -98,7 +98,7 @@ def test_image_preprocessing_of_inference_config(configs):
     rng = np.random.default_rng(0)
     image = torch.as_tensor(rng.normal(50.0, 20.0, (8, 52, 47, 9)), dtype=torch.float32)
     out = preprocessing({"image": image})["image"]
-    assert tuple(out.shape) == (8, 128, 128, 16) and out.dtype == torch.float32
+    assert tuple(out.shape) == (8, 32, 32, 8) and out.dtype == torch.float32  # the shipped weights' ROI
     torch.testing.assert_close(out.mean(dim=(1, 2, 3)), torch.zeros(8), atol=1e-4, rtol=0)
     torch.testing.assert_close(out.std(dim=(1, 2, 3), unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
     with pytest.raises(RuntimeError) as error:  # Compose wraps the ValueError of the check

@@ -144,7 +144,7 @@ def test_zoo_style_train_evaluate_infer_export(tmp_path):
     (each a ``ConfigWorkflow`` run through ``check_workflow`` with properties checked), then export."""
     from scripts.synthetic import generate_dataset
 
-    dataset_dir = generate_dataset(tmp_path / "data" / "lcadb", 2, seed=0, progress=False).parent
+    dataset_dir = generate_dataset(tmp_path / "data" / "lcadb", 3, seed=0, progress=False).parent
     override = {**TINY, "bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(dataset_dir)}
 
     def check_workflow(workflow: ConfigWorkflow) -> None:  # ci/unit_tests/utils.py, check_properties=True
@@ -155,7 +155,9 @@ def test_zoo_style_train_evaluate_infer_export(tmp_path):
 
     files = {"meta_file": META, "logging_file": LOGGING}
     check_workflow(
-        ConfigWorkflow(workflow_type="train", config_file=str(CONFIGS / "train.json"), max_epochs=1, **files, **override)
+        ConfigWorkflow(
+            workflow_type="train", config_file=str(CONFIGS / "train.json"), max_epochs=1, **files, **override
+        )
     )
     ckpt = tmp_path / "bundle" / "models" / "model.pt"
     assert ckpt.is_file()

@@ -170,7 +170,12 @@ def _write_outputs(result: dict) -> None:
     card = card_path.read_text()
     rows = "\n".join(
         f"| {name} | {scores[key]:.3f} | {baseline[key]:.3f} |"
-        for key, name in (("accuracy", "accuracy"), ("f1", "macro-F1"), ("kappa", "Cohen's kappa"), ("auc", "macro AUC"))
+        for key, name in (
+            ("accuracy", "accuracy"),
+            ("f1", "macro-F1"),
+            ("kappa", "Cohen's kappa"),
+            ("auc", "macro AUC"),
+        )
     )
     arch = result["architecture"]
     table = (
