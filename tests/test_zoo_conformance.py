@@ -220,3 +220,25 @@ def test_checkpoint_of_another_size_names_the_config_to_merge(tmp_path):
     loader = workflow.parser.get_parsed_content("handlers#0")
     with pytest.raises(ValueError, match=r"light\.pt does not fit.*fits configs/cpu_light\.json: merge"):
         loader(workflow.evaluator)  # what the evaluator calls on Events.STARTED
+
+
+def test_inference_command_from_another_directory(shipped_weights, tmp_path):
+    """The card's inference command with absolute config paths, run from an unrelated directory: the shipped
+    weights are found through the located ``bundle_root`` and ``scripts`` imports without ``PYTHONPATH``."""
+    import os
+
+    from scripts.synthetic import generate_dataset
+
+    dataset_dir = generate_dataset(tmp_path / "data" / "lcadb", 3, seed=1, progress=False).parent
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json")]
+    command += ["--meta_file", META, "--logging_file", LOGGING, "--input_path", str(dataset_dir)]
+    command += ["--output_dir", str(tmp_path / "out"), "--num_workers", "0"]
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = (tmp_path / "out" / "predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 7, rows  # header + the 7 synthetic test cases
+    assert not list(work.iterdir()), "nothing may be written to the working directory"
