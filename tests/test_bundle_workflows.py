@@ -165,7 +165,7 @@ def test_evaluate_workflow(trained, tmp_path, dataset):
     assert metrics["num_cases"] == 7 and metrics["class_names"] == list(LESION_CLASSES)
     for name in ("accuracy", "f1", "kappa", "auc", "f1_kappa"):
         assert name in metrics
-    submission = json.loads((out / "submission.json").read_text())
+    submission = json.loads((out / "LCADB.json").read_text())  # <TeamName>.json
     assert len(submission) == 7
     for entry in submission:
         assert set(entry) == {"image_id", "prediction", "score"}
