@@ -223,6 +223,8 @@ def render_case(
     else:
         phantom.shifts = core.sample_phase_shifts(rng, mis)
     background = _add_background(rng, phantom, lesion, label, options)
+    # the window is centred on the shifted lesion; breath-hold shifts (up to 20 mm) need no extra context around it
+    context = 2.0 if options.misregistration_min_mm > 0 else mis
     out = {}
     for phase in PHASES:
         if phase == "DWI":
@@ -230,7 +232,7 @@ def render_case(
             spacing = (sp, sp, prof.dwi_thickness)
         else:
             spacing = (prof.pixel_spacing, prof.pixel_spacing, prof.slice_thickness)
-        half = [extent + mis + (m + 0.5) * s for m, s in zip(ROI_MARGIN, spacing)]
+        half = [extent + context + (m + 0.5) * s for m, s in zip(ROI_MARGIN, spacing)]
         grid = core.window_grid(lesion.centre + phantom.shifts[phase], half, spacing)
         pv = None if options.partial_volume else 1
         masks: list[np.ndarray] = []
