@@ -24,7 +24,7 @@ fi
 .venv/bin/python - <<'PY'
 import json
 rows = [("network (LCA-DB)", "bundle/eval/metrics.json"), ("radiomics baseline", "bundle/eval/baseline/metrics.json")]
-print(f"\n[result] test split    {'macro-F1':>8} {'kappa':>7} {'AUC':>7}   (F1/kappa as the official metrics.py)")
+print(f"\n[result] {'test split':<19} {'macro-F1':>8} {'kappa':>7} {'AUC':>7}   (F1/kappa as the official metrics.py)")
 for name, path in rows:
     m = json.load(open(path))
     print(f"[result] {name:<19} {m['f1']:8.3f} {m['kappa']:7.3f} {m['auc']:7.3f}   {path}")
