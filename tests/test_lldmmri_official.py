@@ -182,3 +182,11 @@ def test_index_pre_cropped_classification_dataset(tmp_path):
     )
     path = index_classification_dataset(root, overwrite=True)
     assert {i["case"]: i["fold"] for i in json.loads(path.read_text())["training"]} == official_val_folds(SPLITS)
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+    """The official release has no test cases: evaluating its (empty) test split names the datalist and sections."""
+    out = tmp_path / "cls"
+    convert_lldmmri(RELEASED, out, split_dir=SPLITS, box_policy="official", progress=False)
+    with pytest.raises(ValueError, match=r"'test' holds no case; cases per section: .*'training': 8"):
+        load_datalist(out, "test")

@@ -109,9 +109,12 @@ def load_datalist(
     if not datalist_path.is_file():
         raise FileNotFoundError(f"datalist {datalist_path} does not exist (dataset folder {root}).")
     with open(datalist_path, encoding="utf-8") as f:
-        sections = [k for k, v in json.load(f).items() if isinstance(v, list)]
+        sizes = {k: len(v) for k, v in json.load(f).items() if isinstance(v, list)}
+    sections = list(sizes)
     if split not in sections:
         raise ValueError(f"datalist {datalist_path} has no '{split}' section; it has {sections}.")
+    if not sizes[split]:  # load_decathlon_datalist raises a bare IndexError on an empty section
+        raise ValueError(f"datalist {datalist_path} '{split}' holds no case; cases per section: {sizes}.")
     # is_segmentation=False: labels are class indices, not files; the phase paths are resolved by check_case
     items = load_decathlon_datalist(datalist_path, False, split, base_dir=root)
     if subset != "all":
