@@ -100,6 +100,8 @@ def load_datalist(
         ValueError: for an unknown split or subset, a missing fold, a case without every phase, or a bad label.
     """
     subset = look_up_option(subset, SUBSETS)
+    if subset != "all" and fold is None:
+        raise ValueError(f"subset='{subset}' needs the validation fold, got fold=None.")
     root = Path(os.fspath(dataset_dir)).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -118,8 +120,6 @@ def load_datalist(
     # is_segmentation=False: labels are class indices, not files; the phase paths are resolved by check_case
     items = load_decathlon_datalist(datalist_path, False, split, base_dir=root)
     if subset != "all":
-        if fold is None:
-            raise ValueError(f"subset='{subset}' needs the validation fold, got fold=None.")
         no_fold = [item.get("case", i) for i, item in enumerate(items) if "fold" not in item]
         if no_fold:
             raise ValueError(f"{datalist_path} '{split}': cases without a 'fold': {no_fold[:10]}.")
