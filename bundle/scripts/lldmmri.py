@@ -36,10 +36,11 @@ slices ``[z_min:z_max + 1, y_min:y_max, x_min:x_max]`` after growing x/y by 16 v
 image, lines 64-73 and 87-88) and z by 2 slices (clipped, lines 74-76), and skips a lesion whose ``z_min`` or
 ``z_max`` is not a valid slice index (lines 57-62). Lesion ``0`` of a patient becomes case ``<patient>``, lesion
 ``i`` case ``<patient>_<i>`` (lines 91-94). Our ``x`` = first array axis of ``[X, Y, Z]`` = SimpleITK's x.
-Where we differ (``box_policy="strict"``, the default): a box that reaches outside the image in-plane is an
-error naming the case and file (it usually means the annotation belongs to another series), where crop_roi.py
-clips it and pads with zeros; ``box_policy="official"`` does what crop_roi.py does. crop_roi.py compares x with
-the row count and y with the column count (lines 67-68); on non-square images we use the right axis.
+Where we differ (``box_policy="strict"``, the default): a box that reaches outside the image (in-plane, or
+``z_min < 0``) is an error naming the case and file (it usually means the annotation belongs to another series),
+where crop_roi.py clips it (zero-padding in-plane); ``box_policy="official"`` does what crop_roi.py does.
+crop_roi.py compares x with the row count and y with the column count (lines 67-68); on non-square images we use
+the right axis.
 
 Splits, as published: the authors' fold CSVs (``lesion_classifier,dataset,label``, ``dataset`` = Train, Val or
 Test; fold k = the k-th CSV's Val cases), the released split files (``val_fold<k>.txt`` = fold k-1,
