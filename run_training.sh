@@ -3,6 +3,8 @@
 # (generated into ~/.cache/lcadb on first use). Without a GPU it merges the light CPU preset
 # (bundle/configs/cpu_light.json); with one it trains the paper configuration.
 # Extra arguments go to `python -m monai.bundle run`, e.g. --fold 2 or --dataset_dir /data/lld-mmri-layout
+# Then it evaluates the trained network and the radiomics baseline (scripts/baseline.py, trained on the same
+# training cases) on the test split (bundle/configs/evaluate.json) and prints both side by side.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 LCADB_SKIP_DEBIAN=1 bash tools/setup_env.sh
@@ -11,7 +13,19 @@ if ! .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_availabl
   echo "[train] no CUDA device: using the light CPU preset bundle/configs/cpu_light.json"
   configs="$configs,'bundle/configs/cpu_light.json'"
 fi
-exec .venv/bin/python -m monai.bundle run training \
+.venv/bin/python -m monai.bundle run training \
   --meta_file bundle/configs/metadata.json \
   --config_file "[$configs]" \
   --logging_file bundle/configs/logging.conf "$@"
+.venv/bin/python -m monai.bundle run evaluating \
+  --meta_file bundle/configs/metadata.json \
+  --config_file "[$configs,'bundle/configs/evaluate.json']" \
+  --logging_file bundle/configs/logging.conf "$@"
+.venv/bin/python - <<'PY'
+import json
+rows = [("network (LCA-DB)", "bundle/eval/metrics.json"), ("radiomics baseline", "bundle/eval/baseline/metrics.json")]
+print(f"\n[result] {'test split':<19} {'macro-F1':>8} {'kappa':>7} {'AUC':>7}   (F1/kappa as the official metrics.py)")
+for name, path in rows:
+    m = json.load(open(path))
+    print(f"[result] {name:<19} {m['f1']:8.3f} {m['kappa']:7.3f} {m['auc']:7.3f}   {path}")
+PY

@@ -222,7 +222,7 @@ def test_classification_report_files(tmp_path):
     metrics = ClassificationReport(tmp_path).write(records)
     assert metrics["num_cases"] == 21 and set(metrics["per_class"]) == set(LESION_CLASSES)
     assert np.asarray(metrics["confusion_matrix"]).sum() == 21
-    submission = _load(tmp_path / "submission.json")
+    submission = _load(tmp_path / "LCADB.json")  # <TeamName>.json, default team LCADB
     assert submission[0]["image_id"] == "case00" and len(submission[0]["score"]) == 7
     assert submission[0]["prediction"] == int(np.argmax(records[0][1]))
     for name in ("metrics.json", "confusion_matrix.png", "roc_curves.png"):

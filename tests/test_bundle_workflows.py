@@ -165,7 +165,7 @@ def test_evaluate_workflow(trained, tmp_path, dataset):
     assert metrics["num_cases"] == 7 and metrics["class_names"] == list(LESION_CLASSES)
     for name in ("accuracy", "f1", "kappa", "auc", "f1_kappa"):
         assert name in metrics
-    submission = json.loads((out / "submission.json").read_text())
+    submission = json.loads((out / "LCADB.json").read_text())  # <TeamName>.json
     assert len(submission) == 7
     for entry in submission:
         assert set(entry) == {"image_id", "prediction", "score"}
@@ -174,6 +174,8 @@ def test_evaluate_workflow(trained, tmp_path, dataset):
     for png in ("confusion_matrix.png", "roc_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "models").exists()  # evaluation writes no checkpoint
+    baseline = json.loads((out / "baseline" / "metrics.json").read_text())  # same command, same test split
+    assert baseline["num_cases"] == 7 and (out / "baseline" / "LCADB_baseline.json").is_file()
 
 
 def _read_predictions(out: Path) -> list[dict]:

@@ -158,3 +158,14 @@ def test_bad_csv_and_cli(copy, tmp_path, capsys):
     assert lldmmri.main([str(copy), str(out), "--fold-csv", *map(str, fold_csvs(copy)), "--skip-invalid"]) == 0
     printed = capsys.readouterr().out
     assert "skipped MR100002" in printed and (out / "datalist.json").is_file()
+
+
+def test_unlabelled_cases_take_the_fold_csv_label(copy, tmp_path):
+    """category -1 (main/README.md line 70 of LMMMEng/LLD-MMRI2023) with the label in the authors' CSVs."""
+    patient = "MR100001"
+    edit_annotation(copy, lambda d: [i["annotation"]["lesion"]["0"].update(category=-1) for i in d[patient]])
+    csv_labels = {c: s[2] for c, s in read_fold_csvs(fold_csvs(copy)).items()}
+    result = convert_lldmmri(copy, tmp_path / "cls", fold_csvs=fold_csvs(copy), progress=False)
+    datalist = json.loads(result.datalist.read_text())
+    items = {i["case"]: i for i in datalist["training"] + datalist["test"]}
+    assert result.skipped == [] and items[patient]["label"] == csv_labels[patient]

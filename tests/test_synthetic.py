@@ -225,7 +225,8 @@ def test_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_dataset_is_learnable_but_not_trivial(tmp_path):
-    """Logistic regression on per-phase lesion/liver log-contrast: well above chance (1/7), not perfect."""
+    """Logistic regression on per-phase lesion/liver log-contrast: above chance (1/7), yet far from solving the
+    realistic default (0.55 on fold 0 of it; 0.86-0.98 on the classic preset, where first-order statistics sufficed)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
@@ -245,4 +246,4 @@ def test_default_dataset_is_learnable_but_not_trivial(tmp_path):
     val = [i for i in datalist["training"] if i["fold"] == 0]
     model = LogisticRegression(max_iter=2000).fit([features(i) for i in train], [i["label"] for i in train])
     f1 = f1_score([i["label"] for i in val], model.predict([features(i) for i in val]), average="macro")
-    assert 0.5 < f1 < 1.0
+    assert 0.3 < f1 < 0.75

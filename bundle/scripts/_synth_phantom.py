@@ -327,6 +327,43 @@ ATYPICAL: dict[int, dict[str, PhaseAppearance]] = {
     6: {"C+V": _P(1.0), "C+Delay": _P(0.9)},  # HCC without washout or capsule
 }
 
+#: Atypical variants of the ``realistic`` preset (one drawn per atypical lesion), overriding APPEARANCE like
+#: ATYPICAL. They put each class's published look-alikes next to the other classes (sources in docs/data.md).
+REALISTIC_ATYPICAL: dict[int, list[dict[str, PhaseAppearance]]] = {
+    0: [
+        {"C+A": _P(_L["++"]), "C+V": _P(_L["++"]), "C+Delay": _P(1.6)},  # flash-filling (mimics FNH/hyper-met)
+        {"T2WI": _P(1.4), "C+A": _P(0.8, nodules=1.1), "C+V": _P(0.9), "C+Delay": _P(1.0)},  # sclerosed
+        {"C+Delay": _P(_L["++"], centre=0.5), "T2WI": _P(_L["++"], centre=3.0)},  # giant, central cleft
+    ],
+    1: [
+        {"DWI": _P(_L["+"]), "C+A": _P(1.0)},  # hypovascular, no target sign
+        {"C+A": _P(0.7, rim=1.5), "C+V": _P(0.8, rim=0.6), "C+Delay": _P(0.85)},  # peripheral washout (mimics met)
+        {"C+A": _P(1.5, heterogeneity=0.1), "C+V": _P(0.9), "C+Delay": _P(1.1)},  # arterial hyper (mimics HCC)
+    ],
+    2: [
+        {"T2WI": _P(1.6, rim=1.3), "DWI": _P(1.6, rim=1.3)},  # early (phlegmonous)
+        {"DWI": _P(1.4, rim=1.6), "C+A": _P(0.4, rim=1.4), "C+V": _P(0.4, rim=1.3)},  # no halo (mimics necrotic met)
+    ],
+    3: [
+        {"C+A": _P(_L["+"]), "T2WI": _P(1.9)},  # hypervascular
+        {"C+A": _P(0.7, rim=1.2), "C+V": _P(0.9, centre=1.1), "C+Delay": _P(1.1, centre=1.3)},  # delayed (mimics ICC)
+        {"T2WI": _P(2.2), "C+A": _P(0.4, rim=1.4), "C+V": _P(0.4, rim=1.2), "C+Delay": _P(0.4)},  # cystic/necrotic
+    ],
+    4: [
+        {"In Phase": _P(1.3), "Out Phase": _P(1.3), "C-pre": _P(1.3), "T2WI": _P(_L["++"])},  # proteinaceous
+        {"T2WI": _P(1.8), "In Phase": _P(1.4), "Out Phase": _P(1.4), "C-pre": _P(1.4), "DWI": _P(1.0)},  # haemorrhagic
+    ],
+    5: [
+        {"C+A": _P(1.6), "T2WI": _P(1.15), "C-pre": _P(1.0), "C+V": _P(1.05), "C+Delay": _P(1.0)},  # no scar
+        {"T2WI": _P(1.2), "DWI": _P(1.3), "C+A": _P(1.5), "C+V": _P(1.0), "C+Delay": _P(0.95)},  # mimics HCC
+    ],
+    6: [
+        {"C+V": _P(1.0), "C+Delay": _P(0.9)},  # no washout or capsule
+        {"T2WI": _P(1.2), "DWI": _P(1.2), "C+A": _P(0.9), "C+V": _P(0.75), "C+Delay": _P(0.7)},  # hypovascular
+        {"C+A": _P(0.8, rim=1.5), "C+V": _P(0.7, rim=1.0), "C+Delay": _P(0.65)},  # rim arterial (LR-M-like)
+    ],
+}
+
 #: Geometry priors per class: size (median diameter, log-sd), shape and region sizes (uniform ranges).
 CLASS_GEOMETRY: dict[int, dict[str, object]] = {
     0: {"size": (24.0, 0.45), "centre_frac": (0.15, 0.3), "nodules": (4, 7), "fill": (0.4, 0.7)},
@@ -579,6 +616,8 @@ def sample_lesion(
     size_range_mm: tuple[float, float] = (5.0, 60.0),
     atypical_fraction: float = 0.1,
     jitter: float = 0.1,
+    atypical_variants: Mapping[int, Sequence[Mapping[str, PhaseAppearance]]] | None = None,
+    size_spread: float = 1.0,
 ) -> Lesion:
     """Draw one lesion of class ``label``: size, lobulated shape, regions, per-phase levels.
 
@@ -591,6 +630,8 @@ def sample_lesion(
         size_range_mm: clip range of the drawn diameter.
         atypical_fraction: probability of the class's atypical variant (ATYPICAL).
         jitter: log-sd of the per-patient, per-phase level jitter.
+        atypical_variants: per class, atypical variants to draw one from (e.g. REALISTIC_ATYPICAL); None = ATYPICAL.
+        size_spread: multiplies the log-sd of the class's diameter prior; default 1.
 
     Raises:
         ValueError: for an unknown label or an invalid size range / fraction.
@@ -609,7 +650,8 @@ def sample_lesion(
         return float(rng.uniform(a, b))
 
     median, sigma = geo["size"]  # type: ignore[misc]
-    diameter = float(np.clip(median * math.exp(rng.normal(0.0, sigma)), lo, hi)) if diameter_mm is None else diameter_mm
+    drawn = median * math.exp(rng.normal(0.0, sigma * size_spread)) if diameter_mm is None else None
+    diameter = float(np.clip(drawn, lo, hi)) if drawn is not None else diameter_mm
     elong = np.array([rng_range("elongation", (0.8, 1.2)) for _ in range(3)])
     radii = diameter / 2.0 * elong / np.cbrt(elong.prod())
     n_lobes = 3
@@ -621,7 +663,10 @@ def sample_lesion(
 
     atypical = bool(rng.uniform() < atypical_fraction)
     base = dict(APPEARANCE[label])
-    if atypical:
+    if atypical and atypical_variants is not None:
+        options = atypical_variants[label]
+        base.update(options[int(rng.integers(len(options)))])
+    elif atypical:
         base.update(ATYPICAL[label])
     if label == 6 and rng.uniform() < float(geo["fat_fraction"]):  # type: ignore[arg-type]
         base["Out Phase"] = replace(base["Out Phase"], body=0.65)  # intralesional fat: signal drop out of phase
@@ -664,6 +709,11 @@ class Phantom:
     bias_coef: dict[str, np.ndarray]
     liver_texture: tuple[np.ndarray, np.ndarray]
     shifts: dict[str, np.ndarray] = field(default_factory=dict)
+    #: background liver disease: liver level factor per phase and liver texture amplitude (normal: none, 0.03)
+    liver_factor: dict[str, float] = field(default_factory=dict)
+    liver_texture_amp: float = 0.03
+    #: intrahepatic vessels: (point on the axis, unit direction, radius mm); drawn with the IVC's levels
+    vessels: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)
 
     # -- anatomy -------------------------------------------------------------------------------------
     def liver_rho(self, pts: np.ndarray) -> np.ndarray:
@@ -704,8 +754,21 @@ class Phantom:
         array per lesion (voxel centre inside the lesion) is appended to it.
         """
         levels = np.asarray(_TISSUE_LEVELS[phase], dtype=np.float32) ** np.float32(self.site.contrast)
-        rel = levels[self.tissue(pts)]
+        tissue = self.tissue(pts)
+        rel = levels[tissue]
         amp = np.full(len(pts), 0.03, dtype=np.float32)
+        if self.liver_factor or self.vessels or self.liver_texture_amp != 0.03:
+            liver = tissue == 3
+            rel[liver] *= np.float32(self.liver_factor.get(phase, 1.0))
+            amp[liver] = np.float32(self.liver_texture_amp)
+            vessel_level = levels[_TISSUES.index("ivc")]
+            for point, direction, radius in self.vessels:
+                d = pts - point.astype(np.float32)
+                along = d @ direction.astype(np.float32)
+                dist = np.sqrt(np.maximum(np.einsum("ij,ij->i", d, d) - along * along, 0.0))
+                w = (1.0 - _smoothstep(radius - 0.5, radius + 0.5, dist)) * liver
+                rel += (vessel_level - rel) * w
+                amp *= 1.0 - w
         offsets = list(slab_offsets) or [np.zeros(3, dtype=np.float32)]
         reach = max(float(np.linalg.norm(o)) for o in offsets)
         for lesion in self.lesions:

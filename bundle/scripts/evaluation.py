@@ -12,8 +12,12 @@
 
 Scores (from class probabilities and labels): ``accuracy``; ``f1`` (macro F1); ``kappa`` (Cohen's kappa);
 ``auc`` (macro one-vs-rest ROC AUC over the classes that have positives and negatives); ``f1_kappa`` (mean
-of macro F1 and kappa, the LLD-MMRI 2023 ranking score). :class:`ClassificationReport` writes the metrics
-JSON, the confusion matrix and ROC curves as PNG, and the LLD-MMRI submission JSON.
+of macro F1 and kappa, the LLD-MMRI 2023 ranking score). F1 and kappa are those of the challenge's official
+``main/metrics.py`` (LMMMEng/LLD-MMRI2023@e6809b0, lines 10-20): ``sklearn.metrics.f1_score(y_true, y_pred,
+average='macro')``, i.e. the macro average over the classes present in the labels or the predictions (not over
+all 7), and ``cohen_kappa_score(y_true, y_pred)``. :class:`ClassificationReport` writes the metrics JSON, the
+confusion matrix and ROC curves as PNG, and the submission ``<TeamName>.json`` (official ``main/predict.py``
+lines 181-198 and main/README.md line 175).
 """
 
 from __future__ import annotations
@@ -56,11 +60,12 @@ logger = logging.getLogger(__name__)
 METRIC_NAMES = ("accuracy", "f1", "kappa", "auc", "f1_kappa")
 
 
-def _kappa(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
-    """Cohen's kappa; 1 for perfect agreement on a single class, where the chance correction is undefined."""
+def _kappa(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Cohen's kappa as the official metrics.py (line 14); 1 for perfect agreement on a single class, where the
+    chance correction is undefined (sklearn and metrics.py give NaN there)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # undefined kappa (one class only): handled below
-        kappa = float(sk_metrics.cohen_kappa_score(labels, predictions, labels=list(range(num_classes))))
+        kappa = float(sk_metrics.cohen_kappa_score(labels, predictions))
     if math.isnan(kappa):
         return 1.0 if np.array_equal(labels, predictions) else 0.0
     return kappa
@@ -89,7 +94,8 @@ def classification_scores(
         names: scores to compute, any of :data:`METRIC_NAMES`, defaults to all.
 
     Returns:
-        ``{name: value}``. ``auc`` averages the classes that have positives and negatives; it is NaN
+        ``{name: value}``. ``f1`` is the macro F1 over the classes present in ``labels`` or the predictions (as
+        the official metrics.py); ``auc`` averages the classes that have positives and negatives; it is NaN
         when none has both.
 
     Raises:
@@ -102,13 +108,12 @@ def classification_scores(
         raise ValueError(
             f"probabilities must be [N, C] and labels [N], got {list(probabilities.shape)} and {list(labels.shape)}."
         )
-    num_classes = probabilities.shape[1]
     predictions = probabilities.argmax(axis=1)
     scores: dict[str, float] = {}
-    f1 = float(
-        sk_metrics.f1_score(labels, predictions, labels=list(range(num_classes)), average="macro", zero_division=0)
-    )
-    kappa = _kappa(labels, predictions, num_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class only predicted has precision 0/0: sklearn counts it 0, as metrics.py
+        f1 = float(sk_metrics.f1_score(labels, predictions, average="macro"))  # official metrics.py line 20
+    kappa = _kappa(labels, predictions)
     for name in names:
         if name == "accuracy":
             scores[name] = float((predictions == labels).mean())
@@ -269,7 +274,9 @@ class ClassificationReport:
     - ``metrics.json``: number of cases, every score of :data:`METRIC_NAMES`, per-class precision, recall,
       F1, support and AUC, the confusion matrix (rows = true class) and the class names;
     - ``confusion_matrix.png`` and ``roc_curves.png`` (with ``plots``);
-    - ``submission.json``: LLD-MMRI submission format ``[{"image_id", "prediction", "score": [C probs]}]``.
+    - ``<team_name>.json``: the LLD-MMRI submission ``[{"image_id", "prediction", "score": [C probs]}]``, named by
+      the team as the challenge requires (main/README.md line 175; ``main/predict.py`` lines 181-198 write
+      ``args.team_name + '.json'``).
 
     Args:
         output_dir: folder of the report, created when missing.
@@ -279,7 +286,8 @@ class ClassificationReport:
         label_key: batch key of the class index, defaults to ``"label"``; without labels only the
             submission is written.
         plots: write the PNG figures, defaults to True.
-        submission_filename: defaults to ``"submission.json"``.
+        team_name: registered team name; the submission is ``<team_name>.json``; defaults to ``"LCADB"``.
+        submission_filename: overrides the submission file name, defaults to ``<team_name>.json``.
         metrics_filename: defaults to ``"metrics.json"``.
     """
 
@@ -291,16 +299,22 @@ class ClassificationReport:
         pred_key: str = "pred",
         label_key: str = "label",
         plots: bool = True,
-        submission_filename: str = "submission.json",
+        team_name: str = "LCADB",
+        submission_filename: str | None = None,
         metrics_filename: str = "metrics.json",
     ) -> None:
+        if not team_name or any(c in team_name for c in "/\\:") or team_name.startswith("."):
+            raise ValueError(
+                f"team_name must be a plain file stem (no '/', '\\', ':' or leading '.'), got {team_name!r}."
+            )
+        self.team_name = team_name
         self.output_dir = Path(os.fspath(output_dir))
         self.class_names = list(class_names)
         self.case_key = case_key
         self.pred_key = pred_key
         self.label_key = label_key
         self.plots = plots
-        self.submission_filename = submission_filename
+        self.submission_filename = submission_filename or f"{team_name}.json"
         self.metrics_filename = metrics_filename
         self._records: list[tuple[str, list[float], int | None]] = []
 

@@ -43,6 +43,8 @@ from .roi import box_from_mask, crop_lesion_roi, roi_slices
 __all__ = [
     "DEFAULT_DATASET_NAME",
     "DEFAULT_DATASET_SPEC",
+    "DEFAULT_PRESET",
+    "PRESETS",
     "default_dataset_name",
     "SITE_PROFILES",
     "SiteProfile",
@@ -62,14 +64,48 @@ logger = logging.getLogger(__name__)
 #: Folder name prefix of the embedded default dataset inside the cache folder (see :func:`default_dataset_name`).
 DEFAULT_DATASET_NAME = "synthetic-v1"
 
-#: The embedded default dataset: 7 classes x 50 cases (40 training in 5 folds + 10 test per class), all sites.
-DEFAULT_DATASET_SPEC: dict = {
-    "num_cases_per_class": 50,
-    "seed": 20240601,
-    "site": ("site_a", "site_b", "site_c"),
-    "test_fraction": 0.2,
-    "size_range_mm": (8.0, 40.0),
+#: Dataset presets (docs/data.md "Presets"): class counts and appearance knobs (:class:`SynthOptions` fields).
+#: ``classic``: balanced, typical appearance, small spread (easy: a radiomics baseline reaches macro-F1 ~0.99).
+#: ``realistic``: LLD-MMRI-like class imbalance, wide within-class spread, published look-alike patterns, sizes
+#: 5-100 mm, breath-hold misregistration 5-20 mm, vessels and cirrhotic/fatty livers.
+PRESETS: dict[str, dict] = {
+    "classic": {"num_cases_per_class": 50, "options": {"size_range_mm": (8.0, 40.0)}},
+    "realistic": {
+        # hemangioma, ICC, abscess, metastasis, cyst, FNH, HCC: HCC about 3.4x FNH as in LLD-MMRI (157 vs 46)
+        "num_cases_per_class": [49, 39, 35, 45, 49, 32, 101],
+        "options": {
+            "size_range_mm": (5.0, 100.0),
+            "size_spread": 1.5,
+            "atypical_fraction": 0.35,
+            "atypical_variants": "realistic",
+            "jitter": 0.3,
+            "misregistration_mm": 20.0,
+            "misregistration_min_mm": 5.0,
+            "cirrhosis_probability": (0.1, 0.3, 0.05, 0.1, 0.05, 0.05, 0.75),
+            "fatty_liver_probability": 0.2,
+            "vessels": (0, 3),
+        },
+    },
 }
+
+#: Preset of the embedded default dataset (the main job's data).
+DEFAULT_PRESET = "realistic"
+
+
+def _dataset_spec(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    return {
+        "preset": preset,
+        "seed": 20240601,
+        "site": ("site_a", "site_b", "site_c"),
+        "test_fraction": 0.2,
+        **PRESETS[preset],
+    }
+
+
+#: The embedded default dataset: the ``realistic`` preset, 350 cases (80 % training in 5 folds, 20 % test), all sites.
+DEFAULT_DATASET_SPEC: dict = _dataset_spec(DEFAULT_PRESET)
 
 _SITE_INDEX = {name: i for i, name in enumerate(sorted(SITE_PROFILES))}
 
@@ -85,6 +121,14 @@ class SynthOptions:
         misregistration_mm: maximum inter-phase shift (mm); None = site default (1.5-2.5).
         noise_scale: multiplies the site's Rician noise; default 1.
         partial_volume: average sub-slices over the slice thickness; default True.
+        atypical_variants: ``"classic"`` (one atypical pattern per class, ``ATYPICAL``) or ``"realistic"`` (2-3
+            published look-alike patterns per class, ``REALISTIC_ATYPICAL``); default "classic".
+        size_spread: multiplies the log-sd of the class size priors; default 1.
+        misregistration_min_mm: smallest inter-phase shift (mm) when ``misregistration_mm`` is set; default 0.
+        cirrhosis_probability: per class, probability that the liver is cirrhotic (coarse nodular texture, altered
+            enhancement); default none.
+        fatty_liver_probability: probability of a fatty liver (signal drop out of phase); default 0.
+        vessels: (min, max) intrahepatic vessels drawn near the lesion; default (0, 0).
     """
 
     atypical_fraction: float = 0.1
@@ -93,6 +137,12 @@ class SynthOptions:
     misregistration_mm: float | None = None
     noise_scale: float = 1.0
     partial_volume: bool = True
+    atypical_variants: str = "classic"
+    size_spread: float = 1.0
+    misregistration_min_mm: float = 0.0
+    cirrhosis_probability: tuple[float, ...] = ()
+    fatty_liver_probability: float = 0.0
+    vessels: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.atypical_fraction <= 1.0:
@@ -104,6 +154,20 @@ class SynthOptions:
             raise ValueError(f"jitter and noise_scale must be >= 0, got {self.jitter} and {self.noise_scale}.")
         if self.misregistration_mm is not None and self.misregistration_mm < 0:
             raise ValueError(f"misregistration_mm must be >= 0 or None, got {self.misregistration_mm}.")
+        if self.atypical_variants not in ("classic", "realistic"):
+            raise ValueError(f"atypical_variants must be 'classic' or 'realistic', got {self.atypical_variants!r}.")
+        if self.size_spread <= 0 or not 0 <= self.misregistration_min_mm:
+            raise ValueError(
+                f"size_spread must be > 0 and misregistration_min_mm >= 0, got {self.size_spread}, "
+                f"{self.misregistration_min_mm}."
+            )
+        probabilities = (*self.cirrhosis_probability, self.fatty_liver_probability)
+        if self.cirrhosis_probability and len(self.cirrhosis_probability) != len(LESION_CLASSES):
+            raise ValueError(f"cirrhosis_probability needs one value per class, got {self.cirrhosis_probability}.")
+        if not all(0.0 <= v <= 1.0 for v in probabilities):
+            raise ValueError(f"liver disease probabilities must be in [0, 1], got {probabilities}.")
+        if not 0 <= self.vessels[0] <= self.vessels[1]:
+            raise ValueError(f"vessels must be (min, max) with 0 <= min <= max, got {self.vessels}.")
 
     def site(self, site: SiteProfile) -> SiteProfile:
         """The site profile with this noise scale applied."""
@@ -148,12 +212,20 @@ def render_case(
         size_range_mm=options.size_range_mm,
         atypical_fraction=options.atypical_fraction,
         jitter=options.jitter,
+        atypical_variants=core.REALISTIC_ATYPICAL if options.atypical_variants == "realistic" else None,
+        size_spread=options.size_spread,
     )
     extent = float(lesion.radii.max() * (1.0 + lesion.lobe_amp.sum()))
     lesion.centre = core.place_lesion_centre(rng, phantom, extent)
     phantom.lesions.append(lesion)
     mis = prof.misregistration_mm if options.misregistration_mm is None else options.misregistration_mm
-    phantom.shifts = core.sample_phase_shifts(rng, mis)
+    if options.misregistration_min_mm > 0 and options.misregistration_mm is not None:
+        phantom.shifts = _breath_hold_shifts(rng, options.misregistration_min_mm, mis)
+    else:
+        phantom.shifts = core.sample_phase_shifts(rng, mis)
+    background = _add_background(rng, phantom, lesion, label, options)
+    # the window is centred on the shifted lesion; breath-hold shifts (up to 20 mm) need no extra context around it
+    context = 2.0 if options.misregistration_min_mm > 0 else mis
     out = {}
     for phase in PHASES:
         if phase == "DWI":
@@ -161,7 +233,7 @@ def render_case(
             spacing = (sp, sp, prof.dwi_thickness)
         else:
             spacing = (prof.pixel_spacing, prof.pixel_spacing, prof.slice_thickness)
-        half = [extent + mis + (m + 0.5) * s for m, s in zip(ROI_MARGIN, spacing)]
+        half = [extent + context + (m + 0.5) * s for m, s in zip(ROI_MARGIN, spacing)]
         grid = core.window_grid(lesion.centre + phantom.shifts[phase], half, spacing)
         pv = None if options.partial_volume else 1
         masks: list[np.ndarray] = []
@@ -185,7 +257,56 @@ def render_case(
         "diameter_mm": round(lesion.diameter_mm, 2),
         "atypical": lesion.atypical,
     }
+    if background is not None:
+        meta.update(background)
     return out, meta
+
+
+#: Liver level factors of background liver disease (relative to a normal liver), per phase.
+_CIRRHOSIS_FACTOR = {"T2WI": 1.1, "DWI": 1.15, "C+A": 0.9, "C+V": 0.9, "C+Delay": 0.95}
+_FATTY_FACTOR = {"In Phase": 1.05, "Out Phase": 0.55, "T2WI": 1.05}
+
+
+def _breath_hold_shifts(rng: np.random.Generator, lo: float, hi: float) -> dict[str, np.ndarray]:
+    """Inter-phase shifts of separate breath-holds: magnitude U(lo, hi) mm, mostly cranio-caudal; C+A is 0."""
+    shifts = {}
+    for phase in PHASES:
+        if phase == core.REFERENCE_PHASE:
+            shifts[phase] = np.zeros(3)
+            continue
+        direction = np.array([rng.normal(0, 0.3), rng.normal(0, 0.3), rng.choice([-1.0, 1.0])])
+        shifts[phase] = direction / np.linalg.norm(direction) * rng.uniform(lo, hi)
+    return shifts
+
+
+def _add_background(
+    rng: np.random.Generator, phantom: core.Phantom, lesion: core.Lesion, label: int, options: SynthOptions
+) -> dict | None:
+    """Background liver disease and vessels near the lesion (only for options that ask for them)."""
+    if not options.cirrhosis_probability and options.fatty_liver_probability == 0 and options.vessels[1] == 0:
+        return None
+    cirrhotic = bool(options.cirrhosis_probability) and rng.uniform() < options.cirrhosis_probability[label]
+    fatty = rng.uniform() < options.fatty_liver_probability
+    factor = {p: 1.0 for p in PHASES}
+    for phase, f in _CIRRHOSIS_FACTOR.items() if cirrhotic else ():
+        factor[phase] *= f
+    for phase, f in _FATTY_FACTOR.items() if fatty else ():
+        factor[phase] *= f
+    phantom.liver_factor = factor
+    if cirrhotic:  # regenerative nodules and fibrosis: a coarser, stronger parenchymal texture
+        phantom.liver_texture = core._texture_waves(rng, wavelength_mm=6.0, n=8)
+        phantom.liver_texture_amp = 0.12
+    n = int(rng.integers(options.vessels[0], options.vessels[1] + 1))
+    radius = float(lesion.radii.mean())
+    for _ in range(n):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        offset = rng.normal(size=3)
+        offset -= (offset @ direction) * direction
+        offset /= max(np.linalg.norm(offset), 1e-6)
+        point = lesion.centre + offset * radius * rng.uniform(1.1, 2.2)
+        phantom.vessels.append((point, direction, float(rng.uniform(1.5, 5.0))))
+    return {"cirrhotic": cirrhotic, "fatty_liver": fatty, "vessels": n}
 
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -394,12 +515,14 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lcadb"
 
 
-def default_dataset_name() -> str:
-    """Cache folder name of the default dataset: the prefix plus a fingerprint of its spec and of the generator's code.
+def default_dataset_name(preset: str | None = None) -> str:
+    """Cache folder name of the default dataset (or of ``preset``'s): the prefix plus a fingerprint of its spec and
+    of the generator's code.
 
     Any change of the generator gives a new folder, so a cache never serves data an older generator wrote.
     """
-    digest = hashlib.sha256(json.dumps(DEFAULT_DATASET_SPEC, sort_keys=True).encode())
+    spec = DEFAULT_DATASET_SPEC if preset is None else _dataset_spec(preset)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     here = Path(__file__).resolve().parent
     for module in ("synthetic.py", "_synth_phantom.py", "_synth_io.py", "constants.py"):
         digest.update((here / module).read_bytes())
@@ -407,7 +530,10 @@ def default_dataset_name() -> str:
 
 
 def default_dataset(
-    cache_dir: str | os.PathLike | None = None, progress: bool = True, num_workers: int | None = None
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    num_workers: int | None = None,
+    preset: str | None = None,
 ) -> Path:
     """The embedded default dataset (:data:`DEFAULT_DATASET_SPEC`), generated once and cached.
 
@@ -416,16 +542,18 @@ def default_dataset(
             ``<cache_dir>/<default_dataset_name()>``.
         progress: show a progress bar while generating.
         num_workers: worker processes for the first generation; None = number of CPUs (at most 8).
+        preset: a :data:`PRESETS` name instead of the default spec (e.g. ``"classic"``, the easy earlier default).
 
     Returns:
         The dataset root (holding ``datalist.json``).
     """
-    target = _cache_root(cache_dir) / default_dataset_name()
+    target = _cache_root(cache_dir) / default_dataset_name(preset)
     marker = target / "datalist.json"
     if marker.is_file():
         return target
-    spec = dict(DEFAULT_DATASET_SPEC)
-    options = SynthOptions(size_range_mm=tuple(spec.pop("size_range_mm")))
+    spec = dict(DEFAULT_DATASET_SPEC if preset is None else _dataset_spec(preset))
+    spec.pop("preset", None)
+    options = SynthOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.pop("options", {}).items()})
     try:
         workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
         generate_dataset(target, options=options, progress=progress, num_workers=workers, **spec)
@@ -641,6 +769,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("default", help="generate (once) the embedded default dataset and print its path")
     sp.add_argument("--cache-dir", type=Path, default=None, help="default $LCADB_CACHE or ~/.cache/lcadb")
     sp.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
+    sp.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"default {DEFAULT_PRESET}")
 
     sp = sub.add_parser("federated", help="one dataset per site plus a pooled held-out test set")
     sp.add_argument("output_dir", type=Path)
@@ -703,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(path)
     elif args.command == "default":
-        print(default_dataset(args.cache_dir, num_workers=args.workers))
+        print(default_dataset(args.cache_dir, num_workers=args.workers, preset=args.preset))
     elif args.command == "federated":
         paths = generate_federated_datasets(
             args.output_dir,

@@ -101,6 +101,8 @@ def load_datalist(
         ValueError: for an unknown split or subset, a missing fold, a case without every phase, or a bad label.
     """
     subset = look_up_option(subset, SUBSETS)
+    if subset != "all" and fold is None:
+        raise ValueError(f"subset='{subset}' needs the validation fold, got fold=None.")
     root = Path(os.fspath(dataset_dir)).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -110,14 +112,15 @@ def load_datalist(
     if not datalist_path.is_file():
         raise FileNotFoundError(f"datalist {datalist_path} does not exist (dataset folder {root}).")
     with open(datalist_path, encoding="utf-8") as f:
-        sections = [k for k, v in json.load(f).items() if isinstance(v, list)]
+        sizes = {k: len(v) for k, v in json.load(f).items() if isinstance(v, list)}
+    sections = list(sizes)
     if split not in sections:
         raise ValueError(f"datalist {datalist_path} has no '{split}' section; it has {sections}.")
+    if not sizes[split]:  # load_decathlon_datalist raises a bare IndexError on an empty section
+        raise ValueError(f"datalist {datalist_path} '{split}' holds no case; cases per section: {sizes}.")
     # is_segmentation=False: labels are class indices, not files; the phase paths are resolved by check_case
     items = load_decathlon_datalist(datalist_path, False, split, base_dir=root)
     if subset != "all":
-        if fold is None:
-            raise ValueError(f"subset='{subset}' needs the validation fold, got fold=None.")
         no_fold = [item.get("case", i) for i, item in enumerate(items) if "fold" not in item]
         if no_fold:
             raise ValueError(f"{datalist_path} '{split}': cases without a 'fold': {no_fold[:10]}.")
