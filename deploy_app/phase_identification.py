@@ -588,59 +588,68 @@ def _add_dynamic_evidence(candidates: list[tuple[ImageSet, _Facts]]) -> list[tup
 
     injection = next((f.injection for _, f in group if f.injection is not None), None)
     any_contrast = any(f.contrast for _, f in group)
+    all_contrast = all(f.contrast for _, f in group)
+    slots = _time_slots(group)  # acquisitions at the same time are indistinguishable by timing
 
-    def is_post(f: _Facts) -> bool:
+    def is_post(slot: list[tuple[ImageSet, _Facts]]) -> bool:
+        f = slot[0][1]
         if injection is not None and f.time is not None:
             return f.time >= injection
         return f.contrast
 
-    if injection is None and not any_contrast:  # no contrast attribute at all: the first acquisition is the mask
-        pre, post = group[:1], group[1:]
-        pre_reason = "first of the dynamic series in time (no contrast attributes in the study)"
+    if injection is None and (not any_contrast or (all_contrast and len(slots) >= 4)):
+        # no injection time, and contrast attributes that cannot tell: the first acquisition is the mask
+        pre, post = slots[:1], slots[1:]
+        pre_reason = "first of the dynamic acquisitions in time (no injection time in the study)"
     else:
-        pre = [item for item in group if not is_post(item[1])]
-        post = [item for item in group if is_post(item[1])]
+        pre = [slot for slot in slots if not is_post(slot)]
+        post = [slot for slot in slots if is_post(slot)]
         pre_reason = (
             "acquired before the injection (ContrastBolusStartTime)"
             if injection is not None
-            else "no ContrastBolusAgent, unlike the later dynamic series"
+            else "no ContrastBolusAgent, unlike the later dynamic acquisitions"
         )
     if pre:
-        s, _ = pre[-1]
-        s.add("C-pre", 5, pre_reason)
+        for s, _ in pre[-1]:
+            s.add("C-pre", 5, pre_reason)
     if not post:
         return group
     if injection is None:
-        start = post[0][1].time
+        start = post[0][0][1].time
         estimated = start - dt.timedelta(seconds=_ASSUMED_ARTERIAL_DELAY_S) if start else None
     else:
         estimated = injection
-    roles: dict[str, tuple[ImageSet, _Facts]] = {}
-    if estimated is not None and all(f.time is not None for _, f in post) and (injection is not None or len(post) > 3):
+    timed = all(slot[0][1].time is not None for slot in post)
+    if estimated is not None and timed and (injection is not None or len(post) > 3):
+        how = "after the injection" if injection is not None else "after the estimated injection"
         taken: set[int] = set()
         for phase, (centre, low, high) in _DELAY_WINDOWS.items():
-            inside = [
-                item
-                for item in post
-                if id(item[0]) not in taken and low <= (item[1].time - estimated).total_seconds() <= high
-            ]
-            if inside:
-                best = min(inside, key=lambda item: abs((item[1].time - estimated).total_seconds() - centre))
-                roles[phase] = best
-                taken.add(id(best[0]))
-        how = "after the injection" if injection is not None else "after the estimated injection"
-        for phase, (s, f) in roles.items():
-            delay = (f.time - estimated).total_seconds()
-            s.add(
-                phase,
-                5,
-                f"acquired {delay:.0f} s {how} (window {_DELAY_WINDOWS[phase][1]:g}-{_DELAY_WINDOWS[phase][2]:g} s)",
-            )
+            delays = {id(slot): (slot[0][1].time - estimated).total_seconds() for slot in post}
+            inside = [slot for slot in post if id(slot) not in taken and low <= delays[id(slot)] <= high]
+            if not inside:
+                continue
+            best = min(inside, key=lambda slot: abs(delays[id(slot)] - centre))
+            taken.add(id(best))
+            for s, _ in best:
+                s.add(phase, 5, f"acquired {delays[id(best)]:.0f} s {how} (window {low:g}-{high:g} s)")
     else:
-        for phase, item in zip(DYNAMIC_PHASES[1:], post):
-            roles[phase] = item
-            item[0].add(phase, 5, f"post-contrast dynamic number {DYNAMIC_PHASES.index(phase)} in time order")
+        for phase, slot in zip(DYNAMIC_PHASES[1:], post):
+            for s, _ in slot:
+                s.add(phase, 5, f"post-contrast dynamic number {DYNAMIC_PHASES.index(phase)} in time order")
     return group
+
+
+def _time_slots(group: list[tuple[ImageSet, _Facts]], tolerance_s: float = 2.0) -> list[list[tuple[ImageSet, _Facts]]]:
+    """The group (in time order) cut into acquisitions at the same time; sets without a time stay alone."""
+    slots: list[list[tuple[ImageSet, _Facts]]] = []
+    for item in group:
+        time = item[1].time
+        last = slots[-1][0][1].time if slots else None
+        if time is not None and last is not None and abs((time - last).total_seconds()) <= tolerance_s:
+            slots[-1].append(item)
+        else:
+            slots.append([item])
+    return slots
 
 
 def _add_other_evidence(candidates: list[tuple[ImageSet, _Facts]], reference_normal: np.ndarray | None) -> None:

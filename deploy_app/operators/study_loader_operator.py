@@ -72,6 +72,7 @@ def read_study_folder(folder: Path) -> DICOMStudy:
     problems: list[str] = []
     datasets = []
     seen: dict[str, Path] = {}
+    repeats: dict[tuple[Path, Path], list[str]] = {}  # (folder, folder of the first copy) -> file names
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() in SIDECAR_SUFFIXES:
@@ -92,10 +93,15 @@ def read_study_folder(folder: Path) -> DICOMStudy:
             continue
         uid = str(ds.SOPInstanceUID)
         if uid in seen:
-            problems.append(f"{path} repeats SOP instance {uid} of {seen[uid]}")
+            repeats.setdefault((path.parent, seen[uid].parent), []).append(f"{path.name} = {seen[uid].name}")
             continue
         seen[uid] = path
         datasets.append(ds)
+    for (where, first), names in repeats.items():
+        problems.append(
+            f"{len(names)} file(s) in {where} repeat the SOP Instance UIDs of files in {first} "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        )
     if not datasets and not problems:
         problems.append(f"input folder {folder} holds no DICOM file")
     studies = sorted({str(ds.StudyInstanceUID) for ds in datasets})
