@@ -721,26 +721,30 @@ def slice_problems(datasets: Sequence[Dataset], label: str) -> list[str]:
         ((float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))), ds) for ds in datasets),
         key=lambda item: item[0],
     )
-    problems = []
     positions = np.array([p for p, _ in located])
     steps = np.diff(positions)
-    for k in np.nonzero(steps < 1e-3)[0]:
-        a, b = located[k][1], located[k + 1][1]
-        problems.append(
-            f"{label}: duplicated slice at {positions[k]:.2f} mm along the slice normal "
-            f"(instances {a.get('InstanceNumber', '?')} and {b.get('InstanceNumber', '?')})"
-        )
+    duplicates = [
+        f"at {positions[k]:.2f} mm (instances {located[k][1].get('InstanceNumber', '?')} and "
+        f"{located[k + 1][1].get('InstanceNumber', '?')})"
+        for k in np.nonzero(steps < 1e-3)[0]
+    ]
+    gaps = []
     distinct = steps[steps >= 1e-3]
-    if distinct.size:
-        spacing = float(np.median(distinct))
-        for k in np.nonzero(steps > 1.5 * spacing)[0]:
-            missing = int(round(steps[k] / spacing)) - 1
-            a, b = located[k][1], located[k + 1][1]
-            problems.append(
-                f"{label}: {missing} missing slice(s) between {positions[k]:.2f} and {positions[k + 1]:.2f} mm "
-                f"(instances {a.get('InstanceNumber', '?')} and {b.get('InstanceNumber', '?')}, "
-                f"spacing {spacing:.2f} mm)"
-            )
+    spacing = float(np.median(distinct)) if distinct.size else 0.0
+    for k in np.nonzero(steps > 1.5 * spacing)[0] if distinct.size else []:
+        gaps.append(
+            f"{int(round(steps[k] / spacing)) - 1} between {positions[k]:.2f} and {positions[k + 1]:.2f} mm "
+            f"(instances {located[k][1].get('InstanceNumber', '?')} and {located[k + 1][1].get('InstanceNumber', '?')})"
+        )
+
+    def summary(items: list[str]) -> str:
+        return "; ".join(items[:3]) + (f"; and {len(items) - 3} more" if len(items) > 3 else "")
+
+    problems = []
+    if duplicates:
+        problems.append(f"{label}: {len(duplicates)} duplicated slice position(s): {summary(duplicates)}")
+    if gaps:
+        problems.append(f"{label}: missing slice(s), spacing {spacing:.2f} mm: {summary(gaps)}")
     return problems
 
 
