@@ -31,7 +31,7 @@ from .operators import (
 )
 from .operators.pacs_sender_operator import destinations_from_config
 from .operators.phase_selector_operator import DEFAULT_RULES_FILE
-from .preflight import check_model_package, check_output_folder, log_stage_time
+from .preflight import check_model_package, check_output_folder, timed_stage
 
 __all__ = ["APP_DIR", "LCADBDeployApp", "config_path"]
 
@@ -83,16 +83,16 @@ class LCADBDeployApp(Application):
         if isinstance(series_phases, str) and not Path(series_phases).is_absolute():
             series_phases = APP_DIR / series_phases
 
-        study_loader_op = StudyLoaderOperator(
+        study_loader_op = timed_stage(StudyLoaderOperator)(
             self, CountCondition(self, 1), input_folder=input_path, name="study_loader_op"
         )
-        phase_selector_op = PhaseSelectorOperator(
+        phase_selector_op = timed_stage(PhaseSelectorOperator)(
             self, rules_file=rules_file, phases=PHASES, series_phases=series_phases, name="phase_selector_op"
         )
-        phase_volume_op = PhaseVolumeOperator(self, phases=PHASES, name="phase_volume_op")
-        lesion_roi_op = LesionROIOperator(self, input_folder=input_path, name="lesion_roi_op")
-        inference_op = LCADBInferenceOperator(self, model_path=model_path, name="inference_op")
-        sr_writer_op = ClassificationSRWriterOperator(self, output_folder=output_path, name="sr_writer_op")
+        phase_volume_op = timed_stage(PhaseVolumeOperator)(self, phases=PHASES, name="phase_volume_op")
+        lesion_roi_op = timed_stage(LesionROIOperator)(self, input_folder=input_path, name="lesion_roi_op")
+        inference_op = timed_stage(LCADBInferenceOperator)(self, model_path=model_path, name="inference_op")
+        sr_writer_op = timed_stage(ClassificationSRWriterOperator)(self, output_folder=output_path, name="sr_writer_op")
 
         self.add_flow(study_loader_op, phase_selector_op, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(
@@ -104,11 +104,7 @@ class LCADBDeployApp(Application):
         self.add_flow(phase_volume_op, inference_op, {("phase_volume", "phase_volume")})
         self.add_flow(inference_op, sr_writer_op, {("result", "result")})
 
-        stages = [study_loader_op, phase_selector_op, phase_volume_op, lesion_roi_op, inference_op, sr_writer_op]
         if destinations:
-            pacs_sender_op = PACSSenderOperator(self, destinations=destinations, name="pacs_sender_op")
+            pacs_sender_op = timed_stage(PACSSenderOperator)(self, destinations=destinations, name="pacs_sender_op")
             self.add_flow(sr_writer_op, pacs_sender_op, {("sr_path", "sr_path")})
-            stages.append(pacs_sender_op)
-        for op in stages:  # one log line per stage with its time
-            log_stage_time(op, op.name.removesuffix("_op"))
         self._logger.info(f"End {self.compose.__name__}")

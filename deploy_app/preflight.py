@@ -28,7 +28,7 @@ from pathlib import Path
 from .bundle_access import INFERENCE_CONFIG, PREPROCESSING_ID, find_model_file
 from .errors import ModelPackageError, StudyInputError
 
-__all__ = ["check_model_package", "check_output_folder", "log_stage_time"]
+__all__ = ["check_model_package", "check_output_folder", "timed_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,21 +91,24 @@ def check_output_folder(folder: Path) -> Path:
     return folder
 
 
-def log_stage_time(operator, stage: str):
-    """Make ``operator`` log one INFO line ``stage <name>: <seconds> s`` each time its ``compute`` finishes (or
-    ``failed after`` when it raises); returns the operator."""
-    compute = operator.compute
+@functools.cache
+def timed_stage(cls: type) -> type:
+    """A subclass of the operator class ``cls`` whose ``compute`` logs one INFO line ``stage <name>  <seconds> s``
+    (or ``failed after``) each time it finishes; same name, docstring and behaviour otherwise.
 
-    @functools.wraps(compute)
-    def timed(op_input, op_output, context):
+    Holoscan binds ``compute`` when the operator is constructed, so the timing must be in the class the operator is
+    built from: ``timed_stage(MyOperator)(fragment, ..., name="my_op")``.
+    """
+
+    def compute(self, op_input, op_output, context):
+        stage = str(self.name).removesuffix("_op")
         start = time.perf_counter()
         try:
-            result = compute(op_input, op_output, context)
+            result = cls.compute(self, op_input, op_output, context)
         except BaseException:
             logger.info("stage %-13s failed after %.2f s", stage, time.perf_counter() - start)
             raise
         logger.info("stage %-13s %.2f s", stage, time.perf_counter() - start)
         return result
 
-    operator.compute = timed
-    return operator
+    return type(cls.__name__, (cls,), {"compute": compute, "__doc__": cls.__doc__, "__module__": cls.__module__})
