@@ -51,6 +51,7 @@ from pydicom.multival import MultiValue
 
 __all__ = [
     "DYNAMIC_PHASES",
+    "MIN_SCORE",
     "MIN_SLICES",
     "NAME_WEIGHT",
     "OVERRIDE_WEIGHT",
@@ -71,6 +72,9 @@ DYNAMIC_PHASES: tuple[str, ...] = ("C-pre", "C+A", "C+V", "C+Delay")
 MIN_SLICES = 5
 #: Evidence added by a matching name rule (unless the rule sets its own ``weight``).
 NAME_WEIGHT = 2.0
+#: Least total evidence that decides a phase: a name alone, or sharing the dynamic series' geometry alone, is not
+#: enough (a wrong image in a channel gives a confident, wrong classification; an error can be fixed by the site).
+MIN_SCORE = 3.0
 #: Evidence added by an explicit SeriesInstanceUID -> phase entry.
 OVERRIDE_WEIGHT = 100.0
 
@@ -802,13 +806,15 @@ def identify_phases(
     if candidates:
         scores = np.array([[s.score(p) for s in candidates] for p in phases])
         rows, cols = linear_sum_assignment(-np.where(scores > 0, scores, -1e6))
-        chosen = {phases[r]: candidates[c] for r, c in zip(rows, cols) if scores[r, c] > 0}
+        chosen = {phases[r]: candidates[c] for r, c in zip(rows, cols) if scores[r, c] >= MIN_SCORE}
     for phase in phases:
         if phase not in chosen:
+            weak = sorted(((s.score(phase), s.label) for s in candidates if s.score(phase) > 0), reverse=True)
+            best = f"best candidate {weak[0][1]} has only score {weak[0][0]:g} (< {MIN_SCORE:g}); " if weak else ""
             listed = [s.label for s, _ in usable]
             problems.append(
-                f"phase {phase!r} not found: no image set has evidence for it (usable image sets: {listed}; "
-                f"excluded: {[f'{s.label}: {s.excluded}' for s in sets if s.excluded]})"
+                f"phase {phase!r} not found: {best or 'no image set has evidence for it; '}usable image sets: "
+                f"{listed}; excluded: {[f'{s.label}: {s.excluded}' for s in sets if s.excluded]}"
             )
             continue
         best = chosen[phase]

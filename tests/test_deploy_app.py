@@ -230,7 +230,7 @@ def _truncated(src, truth, dst):
     victim = sorted((dst / truth.series_dirs["C+A"]).glob("*.dcm"))[3]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) - 2000])
-    return dst, ["phase 'C+A'", f"cannot decode the pixel data of {victim}"]
+    return dst, [f"{victim} has truncated pixel data"]
 
 
 def _no_lesion(src, truth, dst):

@@ -56,6 +56,20 @@ def _copy_attributes(target, ds, keywords) -> None:
             setattr(target, keyword, ds.data_element(keyword).value)
 
 
+def _truncated_pixel_data(ds) -> str:
+    """Why the uncompressed pixel data of ``ds`` is shorter than its header says ("" when it is complete)."""
+    if "PixelData" not in ds or ds.file_meta.get("TransferSyntaxUID") is None:
+        return ""
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return ""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (
+        int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) + 7
+    ) // 8
+    found = len(ds.PixelData)
+    return f"has truncated pixel data ({found} of {expected} bytes)" if found < expected else ""
+
+
 def read_study_folder(folder: Path) -> DICOMStudy:
     """Read every file under ``folder`` (recursively) into one ``DICOMStudy``, keeping every instance.
 
@@ -80,16 +94,22 @@ def read_study_folder(folder: Path) -> DICOMStudy:
         if path.name in _SKIPPED_NAMES:
             continue
         if not is_dicom(path):
-            problems.append(f"{path} is not a DICOM file (no DICM prefix; corrupt, truncated or not DICOM)")
+            problems.append(f"{path} is not a DICOM file (no DICM prefix: corrupt, truncated or not DICOM)")
             continue
         try:
             ds = dcmread(path)
+            for _ in ds:  # pydicom parses elements lazily: a corrupt header must fail here, naming the file
+                pass
             missing = [keyword for keyword in _REQUIRED if not str(ds.get(keyword, "") or "")]
+            truncated = _truncated_pixel_data(ds)
         except Exception as err:  # pydicom raises many types on a corrupt header; each names the file here
             problems.append(f"{path} cannot be read as DICOM: {type(err).__name__}: {err}")
             continue
         if missing:
-            problems.append(f"{path} has no {', '.join(missing)}")
+            problems.append(f"{path} has no {', '.join(missing)} (corrupt or incomplete header)")
+            continue
+        if truncated:
+            problems.append(f"{path} {truncated}")
             continue
         uid = str(ds.SOPInstanceUID)
         if uid in seen:
