@@ -186,4 +186,9 @@ class PhaseSelectorOperator(Operator):
                 image_set.series_instance_uid,
                 image_set.score(phase),
             )
+        unused = [s for s in identification.image_sets if identification.phase_of(s) is None]
+        if unused:
+            self._logger.info(
+                "Not used: %s", "; ".join(f"{s.label} ({s.excluded or 'no phase left for it'})" for s in unused)
+            )
         op_output.emit([selection], self.output_name_selected_series)
