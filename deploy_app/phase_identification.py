@@ -500,7 +500,14 @@ def _facts(s: ImageSet) -> _Facts:
     )
     gradient_echo = "GR" in sequence and "SE" not in sequence
     t1_gre = not diffusion and te is not None and te < 10 and tr is not None and 0 < tr < 50
-    t2 = not diffusion and not gradient_echo and te is not None and te >= 60 and (tr is None or tr == 0 or tr >= 800)
+    t2 = (
+        not diffusion
+        and not gradient_echo
+        and "EP" not in sequence
+        and te is not None
+        and te >= 60
+        and (tr is None or tr == 0 or tr >= 800)
+    )
     options = ds.get("ScanOptions", "")
     options = {str(v).upper() for v in ([options] if isinstance(options, str) else options)}
     fat_sat = bool(options & {"FS", "SFS", "FAT_SAT", "SPAIR", "SPIR", "CHEMSAT"})
@@ -779,6 +786,11 @@ def identify_phases(
     for s in sets:
         s.excluded = _exclusion(s)
     usable = [(s, _facts(s)) for s in sets if not s.excluded]
+    # the b=0 volume of a diffusion series often states no b-value (Canon) or b=0 with plain ImageType (Philips)
+    diffusion_series = {id(s.series) for s, f in usable if f.diffusion}
+    for s, f in usable:
+        if not f.diffusion and id(s.series) in diffusion_series and (f.b is None or f.b < 100):
+            f.diffusion, f.t2, f.b = True, False, f.b or 0.0
     for s, f in usable:
         s.notes = [
             text

@@ -181,6 +181,27 @@ def test_dynamic_series_split_by_trigger_time(root, tmp_path):
     assert "trigger time" in identification.chosen["C+V"].part
 
 
+def test_b0_volume_of_a_diffusion_series_is_not_t2(root, tmp_path):
+    """As in Philips' own DWI files (dcm2niix's dcm_qa_philips_dwi): the b=0 volume is a plain spin-echo image with
+    b=0, TE 69 ms, ImageType M_SE; it belongs to the DWI, it is no T2WI candidate."""
+    folder, truth = vendor_study(root, "philips", "separate", distractors=False)
+    study = tmp_path / "study"
+    shutil.copytree(folder, study)
+    for k, path in enumerate(sorted((study / truth.series_dirs["DWI"]).glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.ScanningSequence = "SE"
+        ds.save_as(path)
+        ds.SOPInstanceUID, ds.InstanceNumber = f"1.2.3.4.5.6.7.8.{k}", 100 + k
+        ds.DiffusionBValue = 0.0
+        ds.private_block(0x2001, "Philips Imaging DD 001").add_new(0x03, "FL", 0.0)
+        ds.save_as(path.parent / f"IM_b0_{k:04d}.dcm")
+    identification = identify(study, rules=False)
+    assert identification.problems == []
+    assert chosen_instances(identification) == expected_instances(truth)
+    (b0,) = [s for s in identification.image_sets if s.part == "b=0"]
+    assert b0.score("T2WI") <= 0 and b0.score("DWI") > 0
+
+
 def test_site_overrides(root):
     """The SeriesInstanceUID -> phase map and a decisive (weighted) name rule both beat the attributes."""
     from deploy_app.operators.phase_selector_operator import DEFAULT_RULES_FILE
