@@ -187,7 +187,7 @@ VENDOR_STYLES: dict[str, VendorStyle] = {
     "ge": VendorStyle(
         "GE MEDICAL SYSTEMS",
         "Discovery MR750",
-        dict(_GENERIC_TYPES),  # GE: in/opposed phase told apart by their echo times
+        {**_GENERIC_TYPES, "loc": _GENERIC},  # in/opposed phase by echo times; localizer by SeriesPlane
         (0x0043, "GEMS_PARM_01", 0x39, "IS"),
         "position",
         {"se": "ssfse", "dwi": "epi2", "dixon": "lavaflex", "gre": "lava", "loc": "3-plane"},
