@@ -9,7 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Builds and runs the app: ``python -m deploy_app -i <dicom folder> -o <output folder> -m <model>``, or, as a
-MAP runs it, ``python3 <app folder>`` with HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH."""
+MAP runs it, ``python3 <app folder>`` with HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH;
+``python -m deploy_app phases -i <dicom folder>`` shows which series would serve each phase, and why (no model)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(folder.parent))
         app_module = importlib.import_module(f"{folder.name}.app")
     argv = [sys.executable, *(sys.argv if argv is None else argv)]
+    if len(argv) > 2 and argv[2] == "phases":  # ``python -m deploy_app phases -i STUDY``: no model, no app graph
+        phases_command = importlib.import_module(f"{app_module.__package__}.phases_command")
+        return phases_command.main(argv[3:])
     try:
         app_module.LCADBDeployApp(argv).run()
     except Exception as err:  # every failure ends the run with a message and a non-zero status

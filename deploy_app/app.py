@@ -31,6 +31,7 @@ from .operators import (
 )
 from .operators.pacs_sender_operator import destinations_from_config
 from .operators.phase_selector_operator import DEFAULT_RULES_FILE
+from .preflight import check_model_package, check_output_folder, timed_stage
 
 __all__ = ["APP_DIR", "LCADBDeployApp", "config_path"]
 
@@ -47,7 +48,7 @@ class LCADBDeployApp(Application):
 
     Inputs come from ``-i/-o/-m`` or ``HOLOSCAN_INPUT_PATH``/``HOLOSCAN_OUTPUT_PATH``/``HOLOSCAN_MODEL_PATH``;
     the ``lcadb`` and ``pacs`` blocks of the configuration (:func:`config_path`) set the phase rules file and
-    the PACS destinations.
+    the PACS destinations; ``lcadb.phase_series`` optionally maps SeriesInstanceUIDs to phases (a site override).
     """
 
     def __init__(self, *args, **kwargs):
@@ -67,20 +68,31 @@ class LCADBDeployApp(Application):
         input_path = Path(app_context.input_path)
         output_path = Path(app_context.output_path)
         model_path = Path(app_context.model_path)
+        # fail fast: model, output folder and PACS configuration are checked before the study is read
+        check_model_package(model_path)
+        check_output_folder(output_path)
+        destinations = destinations_from_config(self.kwargs("pacs"))
         ensure_bundle_scripts()
         from scripts.constants import PHASES
 
-        rules = (self.kwargs("lcadb") or {}).get("phase_rules") or DEFAULT_RULES_FILE
+        settings = self.kwargs("lcadb") or {}
+        rules = settings.get("phase_rules") or DEFAULT_RULES_FILE
         rules_file = Path(rules) if Path(rules).is_absolute() else APP_DIR / rules
+        # site override: SeriesInstanceUID -> phase, inline or a JSON file (relative paths from the app folder)
+        series_phases = settings.get("phase_series") or None
+        if isinstance(series_phases, str) and not Path(series_phases).is_absolute():
+            series_phases = APP_DIR / series_phases
 
-        study_loader_op = StudyLoaderOperator(
+        study_loader_op = timed_stage(StudyLoaderOperator)(
             self, CountCondition(self, 1), input_folder=input_path, name="study_loader_op"
         )
-        phase_selector_op = PhaseSelectorOperator(self, rules_file=rules_file, phases=PHASES, name="phase_selector_op")
-        phase_volume_op = PhaseVolumeOperator(self, phases=PHASES, name="phase_volume_op")
-        lesion_roi_op = LesionROIOperator(self, input_folder=input_path, name="lesion_roi_op")
-        inference_op = LCADBInferenceOperator(self, model_path=model_path, name="inference_op")
-        sr_writer_op = ClassificationSRWriterOperator(self, output_folder=output_path, name="sr_writer_op")
+        phase_selector_op = timed_stage(PhaseSelectorOperator)(
+            self, rules_file=rules_file, phases=PHASES, series_phases=series_phases, name="phase_selector_op"
+        )
+        phase_volume_op = timed_stage(PhaseVolumeOperator)(self, phases=PHASES, name="phase_volume_op")
+        lesion_roi_op = timed_stage(LesionROIOperator)(self, input_folder=input_path, name="lesion_roi_op")
+        inference_op = timed_stage(LCADBInferenceOperator)(self, model_path=model_path, name="inference_op")
+        sr_writer_op = timed_stage(ClassificationSRWriterOperator)(self, output_folder=output_path, name="sr_writer_op")
 
         self.add_flow(study_loader_op, phase_selector_op, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(
@@ -92,8 +104,7 @@ class LCADBDeployApp(Application):
         self.add_flow(phase_volume_op, inference_op, {("phase_volume", "phase_volume")})
         self.add_flow(inference_op, sr_writer_op, {("result", "result")})
 
-        destinations = destinations_from_config(self.kwargs("pacs"))
         if destinations:
-            pacs_sender_op = PACSSenderOperator(self, destinations=destinations, name="pacs_sender_op")
+            pacs_sender_op = timed_stage(PACSSenderOperator)(self, destinations=destinations, name="pacs_sender_op")
             self.add_flow(sr_writer_op, pacs_sender_op, {("sr_path", "sr_path")})
         self._logger.info(f"End {self.compose.__name__}")

@@ -214,25 +214,22 @@ def _timed(fn: Callable, *args):
 
 def time_stages(study: Path, model_path: Path) -> dict[str, float]:
     """Seconds of each stage for one study (the app's work functions, called in order)."""
-    from monai.deploy.core import Fragment
     from scripts.constants import PHASES
 
     from deploy_app.bundle_access import load_model
     from deploy_app.domain import StudyResult
     from deploy_app.operators.inference_operator import classify_lesions, preprocess_rois
     from deploy_app.operators.lesion_roi_operator import lesion_rois
-    from deploy_app.operators.phase_selector_operator import DEFAULT_RULES_FILE, PhaseSelectorOperator, load_phase_rules
+    from deploy_app.operators.phase_selector_operator import DEFAULT_RULES_FILE, load_phase_rules, select_phases
     from deploy_app.operators.phase_volume_operator import assemble_phases
     from deploy_app.operators.sr_writer_operator import build_sr, write_sr
-    from deploy_app.operators.study_loader_operator import StudyLoaderOperator
+    from deploy_app.operators.study_loader_operator import read_study_folder
 
-    fragment = Fragment()
-    loader = StudyLoaderOperator(fragment, input_folder=study, name="study_loader_op")
-    selector = PhaseSelectorOperator(fragment, rules_file=DEFAULT_RULES_FILE, phases=PHASES, name="phase_selector_op")
+    rules = load_phase_rules(DEFAULT_RULES_FILE, PHASES)
     model, t_model = _timed(load_model, model_path)
-    studies, t_load = _timed(loader.load_data_to_studies, study)
-    selection, t_select = _timed(selector.filter, load_phase_rules(DEFAULT_RULES_FILE, PHASES), studies)
-    volume, t_resample = _timed(assemble_phases, selection[0], PHASES)
+    dicom_study, t_load = _timed(read_study_folder, study)
+    (selection, _), t_select = _timed(select_phases, dicom_study, PHASES, rules, None)
+    volume, t_resample = _timed(assemble_phases, selection, PHASES)
     rois, t_roi = _timed(lesion_rois, volume, study)
     batch, t_pre = _timed(preprocess_rois, model, rois)
     lesions, t_infer = _timed(classify_lesions, model, rois, batch)

@@ -38,6 +38,10 @@ class PhaseVolume:
         phase_series_uids: phase -> SeriesInstanceUID.
         source_datasets: every instance of the 8 selected series (SR evidence), headers only are used.
         study_datasets: every instance loaded from the study folder (the SEG, if any, is among them).
+        phase_sources: phase -> which image set served it, in words, for the log and the SR: the series number and
+            description, and the part of the series when a series holds several volumes (e.g.
+            ``"series 12 't1_vibe_dynamic' [temporal position 2]"``). Empty when the volume was built without the
+            phase selector.
     """
 
     image: np.ndarray
@@ -48,6 +52,7 @@ class PhaseVolume:
     phase_series_uids: dict[str, str]
     source_datasets: list[Dataset]
     study_datasets: list[Dataset] = field(default_factory=list)
+    phase_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:

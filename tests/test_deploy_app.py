@@ -230,7 +230,7 @@ def _truncated(src, truth, dst):
     victim = sorted((dst / truth.series_dirs["C+A"]).glob("*.dcm"))[3]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) - 2000])
-    return dst, ["phase 'C+A'", f"cannot decode the pixel data of {victim}"]
+    return dst, [f"{victim} has truncated pixel data"]
 
 
 def _no_lesion(src, truth, dst):
@@ -249,7 +249,8 @@ def _ambiguous_phase(src, truth, dst):
     copy_study(src, dst)
     extra = dst / "series_099"
     shutil.copytree(dst / truth.series_dirs["C+A"], extra)
-    _rewrite(sorted(extra.glob("*.dcm")), SeriesInstanceUID="1.2.3.4.5.6.7.8.10", SeriesNumber=99)
+    for k, path in enumerate(sorted(extra.glob("*.dcm"))):  # a second copy of C+A: same time, same geometry
+        _rewrite([path], SeriesInstanceUID="1.2.3.4.5.6.7.8.10", SeriesNumber=99, SOPInstanceUID=f"1.2.3.4.99.{k}")
     return dst, ["phase 'C+A' is ambiguous"]
 
 

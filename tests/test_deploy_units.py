@@ -98,14 +98,18 @@ def test_phase_rules_select_each_vendor_naming(style):
     assert _rule_matches(rules, _vendor_names()[style][0], modality="CT") == []
 
 
-def test_phase_rules_file_must_name_every_phase(tmp_path):
+def test_phase_rules_file_names_each_phase_once(tmp_path):
+    """Name rules are evidence: a phase may have no rule, but not two, and every rule must name a phase."""
     from deploy_app.operators.phase_selector_operator import DEFAULT_RULES_FILE, load_phase_rules
 
     rules = json.loads(DEFAULT_RULES_FILE.read_text())
     rules["selections"] = [s for s in rules["selections"] if s["name"] != "C+Delay"]
     path = tmp_path / "rules.json"
     path.write_text(json.dumps(rules))
-    with pytest.raises(StudyInputError, match=r"'C\+Delay' has 0 rules"):
+    assert len(load_phase_rules(path, PHASES)["selections"]) == 7
+    rules["selections"] += [rules["selections"][0], {"name": "T1 map", "conditions": {}}]
+    path.write_text(json.dumps(rules))
+    with pytest.raises(StudyInputError, match=r"'T2WI' has 2 rules.*unknown selection names \['T1 map'\]"):
         load_phase_rules(path, PHASES)
 
 

@@ -782,11 +782,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("output_dir", type=Path)
     sp.add_argument("--num-studies", type=int, default=1)
     sp.add_argument("--site", default="site_a", choices=sorted(SITE_PROFILES))
-    sp.add_argument("--naming-style", default=None, help="siemens | ge | philips | lldmmri (default: site's)")
+    sp.add_argument("--naming-style", default=None, help="siemens | ge | philips | canon | uih | lldmmri (site's)")
     sp.add_argument("--num-lesions", type=int, default=None, help="1-3 (default random)")
     sp.add_argument("--matrix", type=int, nargs=2, default=(256, 256), metavar=("COLS", "ROWS"))
     sp.add_argument("--slices", type=int, default=None, help="slices per series (default: site's)")
     sp.add_argument("--mixed-geometry", action="store_true", help="oblique T2WI, shifted C+Delay coverage")
+    sp.add_argument("--layout", default="separate", help="separate | single-series (dynamic and Dixon series)")
+    sp.add_argument("--distractors", action="store_true", help="localizer, coronal T2, ADC, subtraction, MIP")
     common(sp)
 
     sp = sub.add_parser("released", help="LLD-MMRI released layout (full volumes + Annotation.json + fold CSVs)")
@@ -858,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 matrix=tuple(args.matrix),
                 num_slices=args.slices,
                 mixed_geometry=args.mixed_geometry,
+                layout=args.layout,
+                distractors=args.distractors,
                 options=opts,
                 overwrite=args.overwrite,
             )

@@ -180,6 +180,9 @@ def assemble_phases(
             for series in study_selected_series.study.get_all_series()
             for inst in series.get_sop_instances()
         ],
+        phase_sources={
+            p: by_phase[p].image_set.label for p in phases if getattr(by_phase[p], "image_set", None) is not None
+        },
     )
 
 
