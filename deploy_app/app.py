@@ -29,7 +29,8 @@ from .operators import (
     PhaseVolumeOperator,
     StudyLoaderOperator,
 )
-from .operators.pacs_sender_operator import destinations_from_config
+from .operators.inference_operator import DEFAULT_BATCH_SIZE
+from .operators.pacs_sender_operator import destinations_from_config, retry_policy_from_config
 from .operators.phase_selector_operator import DEFAULT_RULES_FILE
 
 __all__ = ["APP_DIR", "LCADBDeployApp", "config_path"]
@@ -70,7 +71,8 @@ class LCADBDeployApp(Application):
         ensure_bundle_scripts()
         from scripts.constants import PHASES
 
-        rules = (self.kwargs("lcadb") or {}).get("phase_rules") or DEFAULT_RULES_FILE
+        lcadb = self.kwargs("lcadb") or {}
+        rules = lcadb.get("phase_rules") or DEFAULT_RULES_FILE
         rules_file = Path(rules) if Path(rules).is_absolute() else APP_DIR / rules
 
         study_loader_op = StudyLoaderOperator(
@@ -79,7 +81,13 @@ class LCADBDeployApp(Application):
         phase_selector_op = PhaseSelectorOperator(self, rules_file=rules_file, phases=PHASES, name="phase_selector_op")
         phase_volume_op = PhaseVolumeOperator(self, phases=PHASES, name="phase_volume_op")
         lesion_roi_op = LesionROIOperator(self, input_folder=input_path, name="lesion_roi_op")
-        inference_op = LCADBInferenceOperator(self, model_path=model_path, name="inference_op")
+        inference_op = LCADBInferenceOperator(
+            self,
+            model_path=model_path,
+            batch_size=lcadb.get("inference_batch_size", DEFAULT_BATCH_SIZE),
+            autocast=lcadb.get("cuda_autocast", True),
+            name="inference_op",
+        )
         sr_writer_op = ClassificationSRWriterOperator(self, output_folder=output_path, name="sr_writer_op")
 
         self.add_flow(study_loader_op, phase_selector_op, {("dicom_study_list", "dicom_study_list")})
@@ -94,6 +102,11 @@ class LCADBDeployApp(Application):
 
         destinations = destinations_from_config(self.kwargs("pacs"))
         if destinations:
-            pacs_sender_op = PACSSenderOperator(self, destinations=destinations, name="pacs_sender_op")
-            self.add_flow(sr_writer_op, pacs_sender_op, {("sr_path", "sr_path")})
+            pacs_sender_op = PACSSenderOperator(
+                self,
+                destinations=destinations,
+                retry_policy=retry_policy_from_config(self.kwargs("pacs")),
+                name="pacs_sender_op",
+            )
+            self.add_flow(sr_writer_op, pacs_sender_op, {("output_paths", "output_paths")})
         self._logger.info(f"End {self.compose.__name__}")

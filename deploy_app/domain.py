@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-__all__ = ["LesionResult", "LesionROI", "PhaseVolume", "StudyResult"]
+__all__ = ["MANUFACTURER", "LesionResult", "LesionROI", "PhaseVolume", "StudyResult"]
+
+#: Manufacturer of what the app writes (SR, attention SEG).
+MANUFACTURER = "LCA-DB MONAI plugin contributors"
 
 
 @dataclass

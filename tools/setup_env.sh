@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 TORCH_VERSION=2.13.0
-DEBIAN_PACKAGES=(dicom3tools dcmtk orthanc orthanc-dicomweb)
+DEBIAN_PACKAGES=(dicom3tools dcmtk orthanc orthanc-dicomweb chromium)
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 if [ ! -x .venv/bin/python ]; then

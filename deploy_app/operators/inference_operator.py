@@ -8,7 +8,12 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""LCA-DB inference on each lesion ROI with the model exported by the bundle, on CUDA when present."""
+"""LCA-DB inference on each lesion ROI with the model exported by the bundle, on CUDA when present.
+
+Lesions go through the network ``batch_size`` at a time (``lcadb.inference_batch_size`` in ``app.yaml``), so peak
+memory depends on the chunk, not on the number of lesions. On CUDA the network runs under bfloat16 autocast
+(``lcadb.cuda_autocast``), which keeps class and probabilities within 1e-3 of fp32 (``benchmarks/gpu_inference.py``).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,17 @@ from ..bundle_access import LoadedModel, load_model
 from ..domain import LesionResult, LesionROI, PhaseVolume, StudyResult
 from ..errors import ModelPackageError
 
-__all__ = ["LCADBInferenceOperator", "classify_lesions", "most_attended_patch", "preprocess_rois"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "LCADBInferenceOperator",
+    "classify_lesions",
+    "most_attended_patch",
+    "preprocess_rois",
+    "run_network",
+]
+
+#: Lesions per forward pass: the paper-size network needs about 0.5 GB per lesion on the CPU (deploy_app/README.md).
+DEFAULT_BATCH_SIZE = 4
 
 
 def preprocess_rois(model: LoadedModel, rois: list[LesionROI]) -> torch.Tensor:
@@ -56,23 +71,19 @@ def most_attended_patch(attention: np.ndarray, roi: LesionROI, input_shape: tupl
     )
 
 
-def classify_lesions(
-    model: LoadedModel, rois: list[LesionROI], batch: torch.Tensor | None = None
-) -> list[LesionResult]:
-    """Run the network on every lesion ROI.
+def run_network(
+    model: LoadedModel, batch: torch.Tensor, autocast: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One forward pass: ``(probabilities [N, classes], attention_ia, attention_pa)`` as float32 arrays.
 
-    Args:
-        model: the loaded bundle export.
-        rois: lesion ROIs.
-        batch: their preprocessed input (:func:`preprocess_rois`), computed when not given.
+    On CUDA with ``autocast`` the network runs under ``torch.autocast("cuda", dtype=torch.bfloat16)``.
 
     Raises:
         ModelPackageError: when the network does not return the attention maps (export it with
-            ``--network_def#return_attention true``).
+            ``--network_def#return_attention true``) or returns probabilities of another shape.
     """
-    if batch is None:
-        batch = preprocess_rois(model, rois)
-    with torch.inference_mode():
+    use_autocast = autocast and model.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
         output = model.network(batch.to(model.device))
     if not isinstance(output, (tuple, list)) or len(output) != 3:
         raise ModelPackageError(
@@ -80,30 +91,64 @@ def classify_lesions(
             "the bundle with 'ckpt_export ... --network_def#return_attention true'."
         )
     probabilities, attention_ia, attention_pa = (t.float().cpu().numpy() for t in output)
-    if probabilities.shape != (len(rois), len(model.class_names)):
+    if probabilities.shape != (len(batch), len(model.class_names)):
         raise ModelPackageError(
             f"{model.path} returns probabilities of shape {probabilities.shape}, expected "
-            f"{(len(rois), len(model.class_names))} ({len(model.class_names)} classes in its metadata)."
+            f"{(len(batch), len(model.class_names))} ({len(model.class_names)} classes in its metadata)."
         )
-    attention = 0.5 * (attention_ia + attention_pa)
-    input_shape = tuple(int(s) for s in batch.shape[2:])
-    return [
-        LesionResult(
-            lesion=roi,
-            probabilities=probabilities[n],
-            class_index=int(np.argmax(probabilities[n])),
-            attention=attention[n],
-            patch_box=most_attended_patch(attention[n], roi, input_shape),  # type: ignore[arg-type]
+    return probabilities, attention_ia, attention_pa
+
+
+def classify_lesions(
+    model: LoadedModel,
+    rois: list[LesionROI],
+    batch: torch.Tensor | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    autocast: bool = True,
+) -> list[LesionResult]:
+    """Run the network on every lesion ROI, ``batch_size`` lesions at a time.
+
+    Args:
+        model: the loaded bundle export.
+        rois: lesion ROIs.
+        batch: their preprocessed input (:func:`preprocess_rois`); by default each chunk is preprocessed when it
+            is run, so only one chunk's input is in memory.
+        batch_size: lesions per forward pass (at least 1).
+        autocast: bfloat16 autocast on CUDA (:func:`run_network`).
+
+    Raises:
+        ModelPackageError: as :func:`run_network`.
+        ValueError: for a ``batch_size`` below 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    results = []
+    for start in range(0, len(rois), batch_size):
+        chunk = rois[start : start + batch_size]
+        inputs = batch[start : start + batch_size] if batch is not None else preprocess_rois(model, chunk)
+        probabilities, attention_ia, attention_pa = run_network(model, inputs, autocast)
+        attention = 0.5 * (attention_ia + attention_pa)
+        input_shape = tuple(int(s) for s in inputs.shape[2:])
+        del inputs
+        results.extend(
+            LesionResult(
+                lesion=roi,
+                probabilities=probabilities[n],
+                class_index=int(np.argmax(probabilities[n])),
+                attention=attention[n],
+                patch_box=most_attended_patch(attention[n], roi, input_shape),  # type: ignore[arg-type]
+            )
+            for n, roi in enumerate(chunk)
         )
-        for n, roi in enumerate(rois)
-    ]
+    return results
 
 
 class LCADBInferenceOperator(Operator):
     """Classifies each lesion ROI with the TorchScript exported by the bundle.
 
     The preprocessing is the bundle's ``image_preprocessing`` (embedded ``inference.json``); the network
-    runs on CUDA when available, else on the CPU.
+    runs on CUDA when available (bfloat16 autocast unless ``autocast`` is false), else on the CPU, ``batch_size``
+    lesions at a time.
 
     Named inputs:
         lesion_rois: list of :class:`deploy_app.domain.LesionROI` from the ROI operator.
@@ -113,9 +158,22 @@ class LCADBInferenceOperator(Operator):
         result: a :class:`deploy_app.domain.StudyResult`, in memory.
     """
 
-    def __init__(self, fragment: Fragment, *args, model_path: Path, device: str | None = None, **kwargs):
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        model_path: Path,
+        device: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        autocast: bool = True,
+        **kwargs,
+    ):
+        if int(batch_size) < 1:
+            raise ValueError(f"lcadb.inference_batch_size must be at least 1, got {batch_size}.")
         self.model_path = Path(model_path)
         self.device = device
+        self.batch_size = int(batch_size)
+        self.autocast = bool(autocast)
         self.input_name_rois = "lesion_rois"
         self.input_name_volume = "phase_volume"
         self.output_name_result = "result"
@@ -147,7 +205,7 @@ class LCADBInferenceOperator(Operator):
     def predict(self, rois: list[LesionROI], volume: PhaseVolume) -> StudyResult:
         """Classify the lesions of one study."""
         model = self.model
-        lesions = classify_lesions(model, rois)
+        lesions = classify_lesions(model, rois, batch_size=self.batch_size, autocast=self.autocast)
         for result in lesions:
             self._logger.info(
                 "Lesion %s: %s (p=%.3f).",
