@@ -194,6 +194,7 @@ def orthanc(tmp_path_factory) -> Iterator[OrthancServer]:
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "DicomAlwaysAllowStore": True,
+        "OverwriteInstances": True,  # a re-sent instance (same SOP Instance UID) replaces the stored one
         "DicomCheckCalledAet": True,
         "Plugins": [str(plugin)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},

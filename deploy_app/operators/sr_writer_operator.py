@@ -201,6 +201,10 @@ def build_sr(study: StudyResult, attention_seg: Dataset) -> hd.sr.Comprehensive3
     evidence: list[Dataset] = list(study.volume.source_datasets)
     segs = {r.lesion.segmentation.SOPInstanceUID: r.lesion.segmentation for r in study.lesions if r.lesion.segmentation}
     evidence.extend(segs.values())
+    reports = {
+        r.lesion.source_report.SOPInstanceUID: r.lesion.source_report for r in study.lesions if r.lesion.source_report
+    }
+    evidence.extend(reports.values())
     evidence.append(attention_seg)
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
