@@ -18,8 +18,8 @@ IA-Net and PA-Net) divided by the lesion's largest one, so 1 marks the most-atte
 FRACTIONAL segmentation of type PROBABILITY, the closest type the standard offers for a saliency map (the segment
 label and the content description say that it is attention, not a probability of tissue).
 
-A viewer shows it as a colour overlay on the reference (C+A) images; the SR references each segment from the
-lesion's "attention" measurement group.
+A viewer shows it as a colour overlay on the reference (C+A) images; the SR lists it in its evidence, and each
+lesion's "attention" measurement group in the SR names the most-attended patch.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ __all__ = [
     "LOCAL_SCHEME_DESIGNATOR",
     "LOCAL_SCHEME_NAME",
     "NO_UNITS",
+    "PEAK_ATTENTION",
     "PERCENT",
     "class_for_code",
     "probability_code",
@@ -93,6 +94,8 @@ PERCENT = Code("%", "UCUM", "percent")
 #: property category and type.
 ATTENTION_CATEGORY = Code("EXPLANATION", LOCAL_SCHEME_DESIGNATOR, "Model explanation")
 ATTENTION_TYPE = Code("ATTENTION", LOCAL_SCHEME_DESIGNATOR, "Network attention map")
+#: NUM of the attention group: the largest patch attention (mean of IA-Net and PA-Net, a softmax weight).
+PEAK_ATTENTION = Code("ATTENTION-PEAK", LOCAL_SCHEME_DESIGNATOR, "Peak network attention")
 
 _MAX_MEANING = 64  # Code Meaning (0008,0104) is LO: at most 64 characters
 _MAX_VALUE = 16  # Code Value (0008,0100) is SH: at most 16 characters

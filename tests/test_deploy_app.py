@@ -66,8 +66,14 @@ def check_sr(
     from pydicom.sr.codedict import codes
 
     from deploy_app.bundle_access import load_model
-    from deploy_app.lesion_codes import ATTENTION_TYPE, DIAGNOSIS, class_for_code
-    from deploy_app.operators.sr_writer_operator import MANUFACTURER, SERIES_DESCRIPTION, device_uid
+    from deploy_app.lesion_codes import ATTENTION_TYPE, DIAGNOSIS, PEAK_ATTENTION, class_for_code
+    from deploy_app.operators.sr_writer_operator import (
+        MANUFACTURER,
+        SERIES_DESCRIPTION,
+        VIEWER_TOOL_PREFIX,
+        device_uid,
+        lesion_id_of,
+    )
 
     verified = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
     report = verified.stdout + verified.stderr
@@ -110,9 +116,10 @@ def check_sr(
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     observer = [item.value for item in sr.content[0].ContentSequence if item.name == codes.DCM.DeviceObserverUID]
     assert observer == [device_uid(model.weights_sha256)]
-    groups = sr.content.get_image_measurement_groups()  # TID 1501: the lesions
-    attention_groups = sr.content.get_volumetric_roi_measurement_groups()  # TID 1411: their attention segments
-    assert len(groups) == len(attention_groups) == len(truth.lesions)
+    all_groups = sr.content.get_image_measurement_groups()  # TID 1501 only
+    groups = [g for g in all_groups if g.finding_type == codes.SCT.Lesion]
+    attention_groups = [g for g in all_groups if g.finding_type == ATTENTION_TYPE]
+    assert len(groups) == len(attention_groups) == len(truth.lesions) == len(all_groups) // 2
     assert {g.finding_type for g in groups} == {codes.SCT.Lesion}
     assert {g.finding_type for g in attention_groups} == {ATTENTION_TYPE}
     reference = {
@@ -120,8 +127,9 @@ def check_sr(
         for p in (study_folder / truth.series_dirs["C+A"]).glob("*.dcm")
     }
     predicted, uids = {}, set()
-    for group, attention_group, lesion in zip(groups, attention_groups, truth.lesions, strict=True):
-        assert group.tracking_identifier and group.tracking_uid
+    for n, (group, attention_group, lesion) in enumerate(zip(groups, attention_groups, truth.lesions, strict=True)):
+        assert group.tracking_identifier.startswith(VIEWER_TOOL_PREFIX) and group.tracking_uid  # OHIF tracks it
+        lesion_id = lesion_id_of(group.tracking_identifier)
         uids.add(group.tracking_uid)
         assert [site.value for site in group.finding_sites] == [codes.SCT.Liver]
         (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
@@ -146,14 +154,14 @@ def check_sr(
         x1, y1 = region.value[2]
         if boxes_from_truth:
             np.testing.assert_allclose([x0, y0, x1, y1], np.asarray(lesion.box_voxels)[[0, 1, 3, 4]], atol=1)
-        # the attention group references this lesion's segment of the attention SEG
-        assert attention_group.tracking_identifier == f"{group.tracking_identifier} attention"
-        segment = attention_group.referenced_segment[0]
-        assert segment.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == attention.SOPInstanceUID
-        number = segment.ReferencedSOPSequence[0].ReferencedSegmentNumber
-        label = attention.SegmentSequence[number - 1].SegmentLabel
-        assert label == f"Attention {group.tracking_identifier}"
-        predicted[group.tracking_identifier] = name
+        # the attention: its own named group with the most-attended patch, and this lesion's segment of the SEG
+        assert attention_group.tracking_identifier == f"{lesion_id} attention"
+        (peak,) = attention_group.get_measurements()
+        assert peak.name == PEAK_ATTENTION and 0 < peak.value <= 1
+        (patch,) = peak.referenced_coordinates
+        assert patch.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in reference
+        assert attention.SegmentSequence[n].SegmentLabel == f"Attention {lesion_id}"
+        predicted[lesion_id] = name
     assert len(uids) == len(groups)
     return predicted
 

@@ -46,6 +46,7 @@ def _config(tmp_path: Path, name: str, pacs: dict) -> Path:
 def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_path, monkeypatch):  # noqa: F811
     import highdicom as hd
     import requests
+    from pydicom.sr.codedict import codes
 
     from deploy_app.lesion_codes import DIAGNOSIS, class_for_code
 
@@ -107,9 +108,11 @@ def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_p
     assert len(qido) == 1
     for route, ds in sent.items():
         back = hd.sr.Comprehensive3DSR.from_dataset(stored)
-        groups = back.content.get_image_measurement_groups()
+        groups = back.content.get_image_measurement_groups(finding_type=codes.SCT.Lesion)
         assert len(groups) == len(truth.lesions), route
-        local = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()
+        local = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups(
+            finding_type=codes.SCT.Lesion
+        )
         for group, mine in zip(groups, local, strict=True):
             (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
             (expected,) = mine.get_qualitative_evaluations(name=DIAGNOSIS)

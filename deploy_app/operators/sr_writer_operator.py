@@ -10,31 +10,38 @@
 # limitations under the License.
 """The TID 1500 Comprehensive 3D SR of a study's lesion classifications and the attention SEG, built with highdicom.
 
-Content (two measurement groups per lesion)::
+Content (two measurement groups, TID 1501, per lesion)::
 
     Imaging Measurement Report (TID 1500), observer = device (algorithm name, DeviceUID from the weights hash)
       Procedure reported: Multiparametric MRI
-      Measurement Group (TID 1501)                        -- the lesion
-        Tracking Identifier "<lesion id>", Tracking Unique Identifier <UID>
+      Measurement Group                                   -- the lesion
+        Tracking Identifier "Cornerstone3DTools@^0.1.0:RectangleROI:<lesion id>", Tracking Unique Identifier
         Finding: Lesion; Algorithm Identification (TID 4019); Finding Site: Liver
         NUM "Probability of <class>" in % (UCUM), one per class, the predicted class first, then descending;
             the first one INFERRED FROM an Image Region: POLYLINE (closed), the lesion's box on the C+A image
             through the lesion centre
         Qualitative evaluation Diagnosis = <SNOMED CT code of the predicted class>
-      Measurement Group (TID 1411)                        -- the model's explanation, not part of the lesion
+      Measurement Group                                   -- the model's explanation, not part of the lesion
         Tracking Identifier "<lesion id> attention"
-        Finding: Network attention map (local code)
-        Referenced Segment: segment "Attention <lesion id>" of the attention SEG (see deploy_app.attention_seg)
+        Finding: Network attention map (local code); Algorithm Identification
+        NUM "Peak network attention" INFERRED FROM a POLYLINE: the most-attended patch
 
-Why this order and shape (what readers do with it):
+The whole attention map of every lesion is a fractional SEG (:mod:`deploy_app.attention_seg`), written beside the SR,
+sent with it, and listed in the SR's evidence; a viewer overlays it on the C+A series.
+
+Why this shape (what readers do with it; OHIF 3.13.2's cornerstone-dicom-sr extension and its dcmjs adapters):
 
 - Web viewers label a group's region with its NUM items, then its finding site, and show at most five labels
-  (OHIF 3: "Probability of liver cell carcinoma: 87.31 %" first); they draw the group's first SCOORD and look
-  for the region of a tracked measurement inside the group's first NUM (INFERRED FROM), as the measurement SRs
-  they write themselves do (TID 1501 groups of NUMs inferred from SCOORDs). TID 1410/1411 put the region at the
-  group level and forbid a region under a NUM (highdicom enforces it), so the lesion is a TID 1501 group.
-  The most-attended patch is not a second region of the lesion (a viewer draws every region of a group as the
-  lesion) but the attention SEG, which a viewer overlays; the SR references each lesion's segment of it.
+  ("Probability of liver cell carcinoma: 87.31 %" first). They draw the group's first SCOORD and, to track the
+  measurement ("track measurements"), look for its region inside the group's first NUM (INFERRED FROM), as the
+  measurement SRs they write themselves (TID 1501 groups of NUMs inferred from SCOORDs). TID 1410/1411 put the
+  region at the group level and forbid one under a NUM (highdicom enforces it), so every group is TID 1501.
+- A group without any region makes OHIF's SR viewport fail ("Cannot read properties of undefined (reading
+  'ReferencedSOPSequence')"), so the attention group carries the most-attended patch as its region; it is its own
+  group, clearly named, never a region of the lesion.
+- OHIF tracks a group only when its tracking identifier starts with a cornerstone tool's
+  ("Cornerstone3DTools@^0.1.0:RectangleROI", a rectangle being what the lesion box is); the lesion id follows it.
+  :func:`lesion_id_of` takes it back.
 - Every CONTAINER is SEPARATE: a CONTINUOUS container is a running text, and ``dsr2html`` renders it as bare
   values ("0.0743 1 0.3549 1 ... Polyline").
 
@@ -66,6 +73,8 @@ from ..lesion_codes import (
     LESION_CODES,
     LOCAL_SCHEME_DESIGNATOR,
     LOCAL_SCHEME_NAME,
+    NO_UNITS,
+    PEAK_ATTENTION,
     PERCENT,
     probability_code,
 )
@@ -73,6 +82,10 @@ from ..uids import derived_uid, device_uid
 
 __all__ = [
     "ATTENTION_FILE_PREFIX",
+    "VIEWER_TOOL_PREFIX",
+    "attention_identifier",
+    "lesion_id_of",
+    "tracking_identifier",
     "ClassificationSRWriterOperator",
     "MANUFACTURER",
     "SERIES_DESCRIPTION",
@@ -85,6 +98,8 @@ __all__ = [
 ]
 
 SERIES_DESCRIPTION = "LCA-DB lesion classification - NOT FOR CLINICAL USE"
+#: Start of each lesion group's tracking identifier, the lesion id follows (see the module docstring).
+VIEWER_TOOL_PREFIX = "Cornerstone3DTools@^0.1.0:RectangleROI:"
 #: File name prefix of the attention SEG in the output folder (the SR is ``<SOPInstanceUID>.dcm``).
 ATTENTION_FILE_PREFIX = "attention-"
 _CONTRIBUTION = "AI liver lesion classification (LCA-DB), research use only, not for clinical use"
@@ -99,13 +114,34 @@ def _uid(study: StudyResult, role: str) -> str:
     return derived_uid(str(study.volume.reference_slices[0].StudyInstanceUID), study.weights_sha256, role)
 
 
-def _lesion_group(result: LesionResult, study: StudyResult, algorithm: hd.sr.AlgorithmIdentification):
-    lesion = result.lesion
-    x0, y0, z0, x1, y1, z1 = lesion.box
+def tracking_identifier(lesion_id: str) -> str:
+    """Tracking identifier of a lesion's group (see the module docstring)."""
+    return f"{VIEWER_TOOL_PREFIX}{lesion_id}"
+
+
+def attention_identifier(lesion_id: str) -> str:
+    """Tracking identifier of a lesion's attention group."""
+    return f"{lesion_id} attention"
+
+
+def lesion_id_of(identifier: str) -> str:
+    """The lesion id in a lesion group's tracking identifier."""
+    return identifier.removeprefix(VIEWER_TOOL_PREFIX)
+
+
+def _source(result: LesionResult, study: StudyResult) -> hd.sr.SourceImageForRegion:
+    """The C+A image through the lesion's centre, where its regions are drawn."""
+    _, _, z0, _, _, z1 = result.lesion.box
     image = study.volume.reference_slices[(z0 + z1 - 1) // 2]
-    source = hd.sr.SourceImageForRegion(
+    return hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
     )
+
+
+def _lesion_group(result: LesionResult, study: StudyResult, algorithm: hd.sr.AlgorithmIdentification):
+    lesion = result.lesion
+    x0, y0, _, x1, y1, _ = lesion.box
+    source = _source(result, study)
     region = hd.sr.CoordinatesForMeasurement(
         graphic_type="POLYLINE", graphic_data=_polygon(x0, y0, x1, y1), source_image=source
     )
@@ -123,7 +159,7 @@ def _lesion_group(result: LesionResult, study: StudyResult, algorithm: hd.sr.Alg
     predicted = study.class_names[result.class_index]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_uid(study, f"tracking {lesion.lesion_id}"), identifier=lesion.lesion_id
+            uid=_uid(study, f"tracking {lesion.lesion_id}"), identifier=tracking_identifier(lesion.lesion_id)
         ),
         finding_type=codes.SCT.Lesion,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Liver)],
@@ -133,22 +169,23 @@ def _lesion_group(result: LesionResult, study: StudyResult, algorithm: hd.sr.Alg
     )
 
 
-def _attention_group(
-    number: int, result: LesionResult, study: StudyResult, seg: Dataset, algorithm: hd.sr.AlgorithmIdentification
-):
+def _attention_group(result: LesionResult, study: StudyResult, algorithm: hd.sr.AlgorithmIdentification):
     lesion_id = result.lesion.lesion_id
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    px0, py0, _, px1, py1, _ = result.patch_box
+    patch = hd.sr.CoordinatesForMeasurement(
+        graphic_type="POLYLINE", graphic_data=_polygon(px0, py0, px1, py1), source_image=_source(result, study)
+    )
+    peak = hd.sr.Measurement(
+        name=PEAK_ATTENTION, value=round(float(np.max(result.attention)), 4), unit=NO_UNITS,
+        referenced_coordinates=[patch],
+    )  # fmt: skip
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_uid(study, f"attention-group {lesion_id}"), identifier=f"{lesion_id} attention"
-        ),
-        referenced_segment=hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(str(study.volume.reference_slices[0].SeriesInstanceUID)),
+            uid=_uid(study, f"attention-group {lesion_id}"), identifier=attention_identifier(lesion_id)
         ),
         finding_type=ATTENTION_TYPE,
         algorithm_id=algorithm,
+        measurements=[peak],
     )
 
 
@@ -180,9 +217,7 @@ def build_sr(study: StudyResult, attention_seg: Dataset) -> hd.sr.Comprehensive3
         ),
     )
     groups = [_lesion_group(result, study, algorithm) for result in study.lesions]
-    groups += [
-        _attention_group(n, result, study, attention_seg, algorithm) for n, result in enumerate(study.lesions, 1)
-    ]
+    groups += [_attention_group(result, study, algorithm) for result in study.lesions]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.cid100.MultiparametricMRI,
