@@ -94,7 +94,7 @@ PERCENT = Code("%", "UCUM", "percent")
 #: property category and type.
 ATTENTION_CATEGORY = Code("EXPLANATION", LOCAL_SCHEME_DESIGNATOR, "Model explanation")
 ATTENTION_TYPE = Code("ATTENTION", LOCAL_SCHEME_DESIGNATOR, "Network attention map")
-#: NUM of the attention group: the largest patch attention (mean of IA-Net and PA-Net, a softmax weight).
+#: NUM of the attention group: the share (%) of the attention on the most-attended patch (mean of IA-Net and PA-Net).
 PEAK_ATTENTION = Code("ATTENTION-PEAK", LOCAL_SCHEME_DESIGNATOR, "Peak network attention")
 
 _MAX_MEANING = 64  # Code Meaning (0008,0104) is LO: at most 64 characters

@@ -155,9 +155,9 @@ def check_sr(
         if boxes_from_truth:
             np.testing.assert_allclose([x0, y0, x1, y1], np.asarray(lesion.box_voxels)[[0, 1, 3, 4]], atol=1)
         # the attention: its own named group with the most-attended patch, and this lesion's segment of the SEG
-        assert attention_group.tracking_identifier == f"{lesion_id} attention"
+        assert lesion_id_of(attention_group.tracking_identifier) == f"{lesion_id} attention"
         (peak,) = attention_group.get_measurements()
-        assert peak.name == PEAK_ATTENTION and 0 < peak.value <= 1
+        assert peak.name == PEAK_ATTENTION and 0 < peak.value <= 100 and peak.unit.value == "%"
         (patch,) = peak.referenced_coordinates
         assert patch.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in reference
         assert attention.SegmentSequence[n].SegmentLabel == f"Attention {lesion_id}"

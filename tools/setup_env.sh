@@ -23,6 +23,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "$wanted" > "$stamp"
 fi
 
+# OHIF's prebuilt viewer for the viewer test (npm registry tarball, integrity-checked; once).
+[ "${LCADB_SKIP_DEBIAN:-0}" = 1 ] || .venv/bin/python tools/fetch_ohif.py >/dev/null
+
 # LCADB_SKIP_DEBIAN=1: training needs none of the DICOM/PACS test peers.
 [ "${LCADB_SKIP_DEBIAN:-0}" = 1 ] && exit 0
 

@@ -22,7 +22,7 @@ Content (two measurement groups, TID 1501, per lesion)::
             through the lesion centre
         Qualitative evaluation Diagnosis = <SNOMED CT code of the predicted class>
       Measurement Group                                   -- the model's explanation, not part of the lesion
-        Tracking Identifier "<lesion id> attention"
+        Tracking Identifier "Cornerstone3DTools@^0.1.0:RectangleROI:<lesion id> attention"
         Finding: Network attention map (local code); Algorithm Identification
         NUM "Peak network attention" INFERRED FROM a POLYLINE: the most-attended patch
 
@@ -40,8 +40,8 @@ Why this shape (what readers do with it; OHIF 3.13.2's cornerstone-dicom-sr exte
   'ReferencedSOPSequence')"), so the attention group carries the most-attended patch as its region; it is its own
   group, clearly named, never a region of the lesion.
 - OHIF tracks a group only when its tracking identifier starts with a cornerstone tool's
-  ("Cornerstone3DTools@^0.1.0:RectangleROI", a rectangle being what the lesion box is); the lesion id follows it.
-  :func:`lesion_id_of` takes it back.
+  ("Cornerstone3DTools@^0.1.0:RectangleROI", a rectangle being what both boxes are), and logs an error for any
+  group it cannot track; the lesion id follows the prefix, :func:`lesion_id_of` takes it back.
 - Every CONTAINER is SEPARATE: a CONTINUOUS container is a running text, and ``dsr2html`` renders it as bare
   values ("0.0743 1 0.3549 1 ... Polyline").
 
@@ -73,7 +73,6 @@ from ..lesion_codes import (
     LESION_CODES,
     LOCAL_SCHEME_DESIGNATOR,
     LOCAL_SCHEME_NAME,
-    NO_UNITS,
     PEAK_ATTENTION,
     PERCENT,
     probability_code,
@@ -121,7 +120,7 @@ def tracking_identifier(lesion_id: str) -> str:
 
 def attention_identifier(lesion_id: str) -> str:
     """Tracking identifier of a lesion's attention group."""
-    return f"{lesion_id} attention"
+    return f"{VIEWER_TOOL_PREFIX}{lesion_id} attention"
 
 
 def lesion_id_of(identifier: str) -> str:
@@ -176,7 +175,7 @@ def _attention_group(result: LesionResult, study: StudyResult, algorithm: hd.sr.
         graphic_type="POLYLINE", graphic_data=_polygon(px0, py0, px1, py1), source_image=_source(result, study)
     )
     peak = hd.sr.Measurement(
-        name=PEAK_ATTENTION, value=round(float(np.max(result.attention)), 4), unit=NO_UNITS,
+        name=PEAK_ATTENTION, value=round(100.0 * float(np.max(result.attention)), 2), unit=PERCENT,
         referenced_coordinates=[patch],
     )  # fmt: skip
     return hd.sr.MeasurementsAndQualitativeEvaluations(
