@@ -29,7 +29,8 @@ from .operators import (
     PhaseVolumeOperator,
     StudyLoaderOperator,
 )
-from .operators.pacs_sender_operator import destinations_from_config
+from .operators.inference_operator import DEFAULT_BATCH_SIZE
+from .operators.pacs_sender_operator import destinations_from_config, retry_policy_from_config
 from .operators.phase_selector_operator import DEFAULT_RULES_FILE
 from .preflight import check_model_package, check_output_folder, timed_stage
 
@@ -91,7 +92,13 @@ class LCADBDeployApp(Application):
         )
         phase_volume_op = timed_stage(PhaseVolumeOperator)(self, phases=PHASES, name="phase_volume_op")
         lesion_roi_op = timed_stage(LesionROIOperator)(self, input_folder=input_path, name="lesion_roi_op")
-        inference_op = timed_stage(LCADBInferenceOperator)(self, model_path=model_path, name="inference_op")
+        inference_op = timed_stage(LCADBInferenceOperator)(
+            self,
+            model_path=model_path,
+            batch_size=settings.get("inference_batch_size", DEFAULT_BATCH_SIZE),
+            autocast=settings.get("cuda_autocast", True),
+            name="inference_op",
+        )
         sr_writer_op = timed_stage(ClassificationSRWriterOperator)(self, output_folder=output_path, name="sr_writer_op")
 
         self.add_flow(study_loader_op, phase_selector_op, {("dicom_study_list", "dicom_study_list")})
@@ -105,6 +112,11 @@ class LCADBDeployApp(Application):
         self.add_flow(inference_op, sr_writer_op, {("result", "result")})
 
         if destinations:
-            pacs_sender_op = timed_stage(PACSSenderOperator)(self, destinations=destinations, name="pacs_sender_op")
-            self.add_flow(sr_writer_op, pacs_sender_op, {("sr_path", "sr_path")})
+            pacs_sender_op = timed_stage(PACSSenderOperator)(
+                self,
+                destinations=destinations,
+                retry_policy=retry_policy_from_config(self.kwargs("pacs")),
+                name="pacs_sender_op",
+            )
+            self.add_flow(sr_writer_op, pacs_sender_op, {("output_paths", "output_paths")})
         self._logger.info(f"End {self.compose.__name__}")

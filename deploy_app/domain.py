@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-__all__ = ["LesionResult", "LesionROI", "PhaseVolume", "StudyResult"]
+__all__ = ["MANUFACTURER", "LesionResult", "LesionROI", "PhaseVolume", "StudyResult"]
+
+#: Manufacturer of what the app writes (SR, attention SEG).
+MANUFACTURER = "LCA-DB MONAI plugin contributors"
 
 
 @dataclass
@@ -71,6 +74,7 @@ class LesionROI:
         source: where the lesion came from, for messages ("SEG segment 2", "lesion_boxes.json L1").
         segmentation: the SEG dataset when the lesion is a segment of it (added to the SR evidence).
         segment_number: that segment's number.
+        source_report: the reader's measurement SR when the lesion is a region marked in it (SR evidence).
     """
 
     lesion_id: str
@@ -80,6 +84,7 @@ class LesionROI:
     source: str
     segmentation: Dataset | None = None
     segment_number: int | None = None
+    source_report: Dataset | None = None
 
 
 @dataclass

@@ -52,11 +52,15 @@ from collections.abc import Mapping
 from pydicom.sr.coding import Code
 
 __all__ = [
+    "ATTENTION_CATEGORY",
+    "ATTENTION_TYPE",
     "DIAGNOSIS",
     "LESION_CODES",
     "LOCAL_SCHEME_DESIGNATOR",
     "LOCAL_SCHEME_NAME",
     "NO_UNITS",
+    "PEAK_ATTENTION",
+    "PERCENT",
     "class_for_code",
     "probability_code",
     "validate_codes",
@@ -80,8 +84,18 @@ DIAGNOSIS = Code("439401001", "SCT", "Diagnosis")
 LOCAL_SCHEME_DESIGNATOR = "99LCADB"
 LOCAL_SCHEME_NAME = "LCA-DB deploy app local codes"
 
-#: UCUM "no units", the unit of a probability (highdicom ``AlgorithmIdentification`` and TID 300 convention).
+#: UCUM "no units" (highdicom ``AlgorithmIdentification`` and TID 300 convention).
 NO_UNITS = Code("1", "UCUM", "no units")
+#: UCUM percent: the unit of the probabilities in the SR (a viewer prints "87.31 %", clearer than "0.8731 1").
+PERCENT = Code("%", "UCUM", "percent")
+
+#: The network's attention map (a model explanation, not an anatomical finding): local codes, as no standard concept
+#: names a saliency map. Used as the finding type of the SR's attention group and as the attention SEG's segmented
+#: property category and type.
+ATTENTION_CATEGORY = Code("EXPLANATION", LOCAL_SCHEME_DESIGNATOR, "Model explanation")
+ATTENTION_TYPE = Code("ATTENTION", LOCAL_SCHEME_DESIGNATOR, "Network attention map")
+#: NUM of the attention group: the share (%) of the attention on the most-attended patch (mean of IA-Net and PA-Net).
+PEAK_ATTENTION = Code("ATTENTION-PEAK", LOCAL_SCHEME_DESIGNATOR, "Peak network attention")
 
 _MAX_MEANING = 64  # Code Meaning (0008,0104) is LO: at most 64 characters
 _MAX_VALUE = 16  # Code Value (0008,0100) is SH: at most 16 characters

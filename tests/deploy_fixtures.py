@@ -40,6 +40,7 @@ if str(REPO_ROOT) not in sys.path:
 __all__ = [
     "OrthancServer",
     "app_env",
+    "attention_files",
     "deploy_model",
     "export_tiny_model",
     "free_port",
@@ -135,7 +136,16 @@ def _quote(value: str) -> str:
 
 
 def sr_files(folder: Path) -> list[Path]:
-    """Every file left in an output folder (hidden ones included)."""
+    """Every file left in an output folder (hidden ones included) but the finished attention SEG."""
+    return [p for p in _all_files(folder) if not p.name.startswith("attention-")]
+
+
+def attention_files(folder: Path) -> list[Path]:
+    """The finished attention SEG(s) of an output folder."""
+    return [p for p in _all_files(folder) if p.name.startswith("attention-")]
+
+
+def _all_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else []
 
 
@@ -184,6 +194,7 @@ def orthanc(tmp_path_factory) -> Iterator[OrthancServer]:
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "DicomAlwaysAllowStore": True,
+        "OverwriteInstances": True,  # a re-sent instance (same SOP Instance UID) replaces the stored one
         "DicomCheckCalledAet": True,
         "Plugins": [str(plugin)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},

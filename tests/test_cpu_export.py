@@ -86,7 +86,7 @@ def _sr_findings(path: Path) -> tuple[str, list[tuple[str, str, dict[str, float]
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
     (observer,) = [item.value for item in sr.content[0].ContentSequence if item.name == codes.DCM.DeviceObserverUID]
     findings = []
-    for group in sr.content.get_volumetric_roi_measurement_groups():
+    for group in sr.content.get_image_measurement_groups(finding_type=codes.SCT.Lesion):
         (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
         probabilities = {m.name.meaning: float(m.value) for m in group.get_measurements()}
         findings.append((group.tracking_identifier, diagnosis.value.value, probabilities))
@@ -110,7 +110,8 @@ def test_deploy_app_takes_the_cpu_export(deploy_model, cpu_model, tmp_path_facto
     for (lesion, code, probabilities), (lesion_plain, code_plain, probabilities_plain) in zip(cpu, plain):
         assert (lesion, code) == (lesion_plain, code_plain)
         assert probabilities.keys() == probabilities_plain.keys()
-        np.testing.assert_allclose(list(probabilities.values()), list(probabilities_plain.values()), atol=1e-3)
+        # the SR holds probabilities in % to 2 decimals: 1e-3 of probability, plus rounding
+        np.testing.assert_allclose(list(probabilities.values()), list(probabilities_plain.values()), atol=0.11)
 
 
 def test_missing_or_unfit_checkpoint_writes_nothing(deploy_model, tmp_path):  # noqa: F811

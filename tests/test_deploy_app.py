@@ -25,6 +25,7 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
     APP_DIR,
     BUNDLE_ROOT,
     app_env,
+    attention_files,
     deploy_model,
     generated_study,
     require_tool,
@@ -65,8 +66,14 @@ def check_sr(
     from pydicom.sr.codedict import codes
 
     from deploy_app.bundle_access import load_model
-    from deploy_app.lesion_codes import DIAGNOSIS, class_for_code
-    from deploy_app.operators.sr_writer_operator import MANUFACTURER, SERIES_DESCRIPTION, device_uid
+    from deploy_app.lesion_codes import ATTENTION_TYPE, DIAGNOSIS, PEAK_ATTENTION, class_for_code
+    from deploy_app.operators.sr_writer_operator import (
+        MANUFACTURER,
+        SERIES_DESCRIPTION,
+        VIEWER_TOOL_PREFIX,
+        device_uid,
+        lesion_id_of,
+    )
 
     verified = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
     report = verified.stdout + verified.stderr
@@ -95,47 +102,92 @@ def check_sr(
         for item in series.ReferencedSOPSequence
     }
     images = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study_folder.rglob("*.dcm")}
-    assert evidence == images  # every image of the 8 phases, and the SEG when it was used
+    (attention_file,) = attention_files(path.parent)
+    attention = check_attention_seg(attention_file, truth, dciodvfy)
+    assert evidence == images | {attention.SOPInstanceUID}  # the 8 phases, the SEG when it was used, the attention
 
+    def containers(item):
+        if item.ValueType == "CONTAINER":
+            yield item
+        for child in item.get("ContentSequence", []):
+            yield from containers(child)
+
+    assert {c.ContinuityOfContent for c in containers(ds)} == {"SEPARATE"}  # dsr2html renders each item labelled
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     observer = [item.value for item in sr.content[0].ContentSequence if item.name == codes.DCM.DeviceObserverUID]
     assert observer == [device_uid(model.weights_sha256)]
-    groups = sr.content.get_volumetric_roi_measurement_groups()
-    assert len(groups) == len(truth.lesions)
+    all_groups = sr.content.get_image_measurement_groups()  # TID 1501 only
+    groups = [g for g in all_groups if g.finding_type == codes.SCT.Lesion]
+    attention_groups = [g for g in all_groups if g.finding_type == ATTENTION_TYPE]
+    assert len(groups) == len(attention_groups) == len(truth.lesions) == len(all_groups) // 2
+    assert {g.finding_type for g in groups} == {codes.SCT.Lesion}
+    assert {g.finding_type for g in attention_groups} == {ATTENTION_TYPE}
     reference = {
         pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
         for p in (study_folder / truth.series_dirs["C+A"]).glob("*.dcm")
     }
     predicted, uids = {}, set()
-    for group, lesion in zip(groups, truth.lesions, strict=True):
-        assert group.tracking_identifier and group.tracking_uid
+    for n, (group, attention_group, lesion) in enumerate(zip(groups, attention_groups, truth.lesions, strict=True)):
+        assert group.tracking_identifier.startswith(VIEWER_TOOL_PREFIX) and group.tracking_uid  # OHIF tracks it
+        lesion_id = lesion_id_of(group.tracking_identifier)
         uids.add(group.tracking_uid)
-        assert group.finding_type == codes.SCT.Lesion
         assert [site.value for site in group.finding_sites] == [codes.SCT.Liver]
         (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
         name = class_for_code(diagnosis.value.value, diagnosis.value.scheme_designator)
-        probabilities = {
-            class_for_code(m.name.value, m.name.scheme_designator): m.value for m in group.get_measurements()
-        }
+        measurements = group.get_measurements()
+        probabilities = {class_for_code(m.name.value, m.name.scheme_designator): m.value for m in measurements}
         assert set(probabilities) == set(model.class_names)
-        assert all(m.unit.value == "1" and m.unit.scheme_designator == "UCUM" for m in group.get_measurements())
-        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
-        assert max(probabilities, key=probabilities.get) == name
-        regions = group.roi
-        assert len(regions) == 2  # lesion box, most-attended patch
-        for region in regions:
-            assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in reference
-        x0, y0 = regions[0].value[0]
-        x1, y1 = regions[0].value[2]
+        assert all(m.unit.value == "%" and m.unit.scheme_designator == "UCUM" for m in measurements)
+        assert sum(probabilities.values()) == pytest.approx(100.0, abs=0.05)
+        # the predicted class first (a viewer's first label), then descending
+        assert (
+            class_for_code(measurements[0].name.value, "99LCADB") == name == max(probabilities, key=probabilities.get)
+        )
+        assert [m.value for m in measurements] == sorted(probabilities.values(), reverse=True)
+        # the lesion's one region, in the first NUM (INFERRED FROM), where a viewer tracking the measurement finds it
+        (region,) = measurements[0].referenced_coordinates
+        assert region.RelationshipType == "INFERRED FROM" and region.GraphicType == "POLYLINE"
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in reference
+        scoords = [item for item in _walk(group[0]) if getattr(item, "ValueType", None) == "SCOORD"]
+        assert len(scoords) == 1  # the attention is not a region of the lesion
+        x0, y0 = region.value[0]
+        x1, y1 = region.value[2]
         if boxes_from_truth:
             np.testing.assert_allclose([x0, y0, x1, y1], np.asarray(lesion.box_voxels)[[0, 1, 3, 4]], atol=1)
-        px0, py0 = regions[1].value[0]
-        px1, py1 = regions[1].value[2]
-        assert px1 > px0 and py1 > py0  # a patch of the lesion ROI (box + margin)
-        assert x0 - 17 <= px0 and px1 <= x1 + 17 and y0 - 17 <= py0 and py1 <= y1 + 17
-        predicted[group.tracking_identifier] = name
+        # the attention: its own named group with the most-attended patch, and this lesion's segment of the SEG
+        assert lesion_id_of(attention_group.tracking_identifier) == f"{lesion_id} attention"
+        (peak,) = attention_group.get_measurements()
+        assert peak.name == PEAK_ATTENTION and 0 < peak.value <= 100 and peak.unit.value == "%"
+        (patch,) = peak.referenced_coordinates
+        assert patch.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in reference
+        assert attention.SegmentSequence[n].SegmentLabel == f"Attention {lesion_id}"
+        predicted[lesion_id] = name
     assert len(uids) == len(groups)
     return predicted
+
+
+def _walk(item):
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from _walk(child)
+
+
+def check_attention_seg(path: Path, truth, dciodvfy: str):
+    """The attention SEG: valid (dciodvfy), fractional, one segment per lesion on the C+A images, peak 1."""
+    import highdicom as hd
+
+    verified = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
+    report = verified.stdout + verified.stderr
+    assert "Segmentation" in report
+    assert [line for line in report.splitlines() if line.startswith("Error")] == [], report
+    ds = pydicom.dcmread(path)
+    assert ds.SegmentationType == "FRACTIONAL" and ds.StudyInstanceUID == truth.study_instance_uid
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    assert seg.number_of_segments == len(truth.lesions)
+    for number in seg.segment_numbers:
+        values = seg.get_volume(segment_numbers=[number], combine_segments=False).array
+        assert values.max() == pytest.approx(1.0) and values.min() == 0.0
+    return ds
 
 
 @pytest.mark.parametrize("name", sorted(STUDIES))

@@ -9,7 +9,9 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """PACS round trip against a real Orthanc: store a synthetic study (dcmtk storescu), fetch it back, run the
-app, send the SR by C-STORE and by STOW-RS, and read both SRs back from Orthanc's REST API."""
+app, send the SR and attention SEG by C-STORE and then again by STOW-RS, and read them back from Orthanc's REST
+API: the second run replaces the first (same SOP Instance UIDs), it does not add a series. A destination that is
+down is retried, reported, and does not stop the others."""
 
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def _config(tmp_path: Path, name: str, pacs: dict) -> Path:
 def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_path, monkeypatch):  # noqa: F811
     import highdicom as hd
     import requests
+    from pydicom.sr.codedict import codes
 
     from deploy_app.lesion_codes import DIAGNOSIS, class_for_code
 
@@ -80,22 +83,36 @@ def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_p
         (sr_file,) = sr_files(out)
         sent[route] = pydicom.dcmread(sr_file)
 
-    # read the SRs back from Orthanc
-    series = [s for s in orthanc.get(f"/studies/{study_id}/series").json() if s["MainDicomTags"]["Modality"] == "SR"]
-    assert len(series) == 2
-    stored = {}
-    for s in series:
-        (instance_id,) = s["Instances"]
-        ds = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{instance_id}/file").content))
-        stored[ds.SOPInstanceUID] = ds
-    assert set(stored) == {ds.SOPInstanceUID for ds in sent.values()}
+    # same study, same model: the same SR and SEG UIDs, so the PACS holds one of each (the later replaced the first)
+    assert sent["cstore"].SOPInstanceUID == sent["stowrs"].SOPInstanceUID
+    assert sent["cstore"].SeriesInstanceUID == sent["stowrs"].SeriesInstanceUID
+    all_series = orthanc.get(f"/studies/{study_id}/series").json()
+    series = [s for s in all_series if s["MainDicomTags"]["Modality"] == "SR"]
+    assert len(series) == 1 and len(series[0]["Instances"]) == 1
+    segs = [s for s in all_series if s["MainDicomTags"].get("SeriesDescription", "").startswith("LCA-DB attention")]
+    assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
+    (instance_id,) = series[0]["Instances"]
+    stored = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{instance_id}/file").content))
+    assert stored.SOPInstanceUID == sent["stowrs"].SOPInstanceUID
+    (attention_ref,) = {
+        item.ReferencedSOPInstanceUID
+        for study_item in stored.CurrentRequestedProcedureEvidenceSequence
+        for series_item in study_item.ReferencedSeriesSequence
+        for item in series_item.ReferencedSOPSequence
+        if item.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        and series_item.SeriesInstanceUID == segs[0]["MainDicomTags"]["SeriesInstanceUID"]
+    }
+    (seg_instance,) = segs[0]["Instances"]
+    assert attention_ref == orthanc.get(f"/instances/{seg_instance}").json()["MainDicomTags"]["SOPInstanceUID"]
     qido = orthanc.get(f"/dicom-web/studies/{truth.study_instance_uid}/series?Modality=SR").json()
-    assert len(qido) == 2
+    assert len(qido) == 1
     for route, ds in sent.items():
-        back = hd.sr.Comprehensive3DSR.from_dataset(stored[ds.SOPInstanceUID])
-        groups = back.content.get_volumetric_roi_measurement_groups()
+        back = hd.sr.Comprehensive3DSR.from_dataset(stored)
+        groups = back.content.get_image_measurement_groups(finding_type=codes.SCT.Lesion)
         assert len(groups) == len(truth.lesions), route
-        local = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_volumetric_roi_measurement_groups()
+        local = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups(
+            finding_type=codes.SCT.Lesion
+        )
         for group, mine in zip(groups, local, strict=True):
             (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
             (expected,) = mine.get_qualitative_evaluations(name=DIAGNOSIS)
@@ -105,15 +122,30 @@ def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_p
             )
 
 
-def test_unreachable_pacs_is_reported(deploy_model, tmp_path, monkeypatch, capfd):  # noqa: F811
+def test_every_destination_is_attempted_and_failures_reported(orthanc, deploy_model, tmp_path, monkeypatch, capfd):  # noqa: F811
+    """A C-STORE destination that is down comes first: it is retried with backoff and reported, the STOW-RS
+    destination after it still gets the result, and the run ends non-zero naming the failed destination."""
     from deploy_fixtures import free_port
 
-    folder, _ = generated_study(tmp_path, "pacs-down", seed=22, naming_style="siemens", num_lesions=1)
+    folder, truth = generated_study(tmp_path, "pacs-down", seed=22, naming_style="siemens", num_lesions=1)
     port = free_port()  # nothing listens there
-    pacs = {"cstore": {"enabled": True, "host": "127.0.0.1", "port": port, "called_ae_title": "NOBODY", "timeout": 5}}
+    pacs = {
+        "retries": 2,
+        "backoff_s": 0.2,
+        "cstore": {"enabled": True, "host": "127.0.0.1", "port": port, "called_ae_title": "NOBODY", "timeout": 5},
+        "stowrs": {"enabled": True, "url": orthanc.dicomweb},
+    }
     out = tmp_path / "out"
     argv = ["-i", str(folder), "-o", str(out), "-m", str(deploy_model)]
     assert run_app(argv, config=_config(tmp_path, "down", pacs), monkeypatch=monkeypatch) == 1
     log = "".join(capfd.readouterr())
-    assert f"C-STORE NOBODY@127.0.0.1:{port}" in log
-    assert len(sr_files(out)) == 1  # the SR itself is complete and kept
+    where = f"C-STORE NOBODY@127.0.0.1:{port}"
+    assert f"Attempt 1 at {where} failed" in log and "retrying in 0.2 s" in log and "retrying in 0.4 s" in log
+    (failure,) = [line for line in log.splitlines() if "LCA-DB app failed" in line]
+    assert "1 of 2 PACS destinations failed" in failure and where in failure and "(3 attempts)" in failure
+    assert "STOW-RS" not in failure
+    (sr,) = sr_files(out)  # the SR itself is complete and kept
+    uid = pydicom.dcmread(sr).SOPInstanceUID
+    qido = orthanc.get(f"/dicom-web/studies/{truth.study_instance_uid}/series?Modality=SR").json()
+    assert len(qido) == 1  # sent by STOW-RS although the C-STORE destination before it failed
+    assert orthanc.get(f"/dicom-web/studies/{truth.study_instance_uid}/instances?SOPInstanceUID={uid}").json()

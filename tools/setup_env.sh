@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 TORCH_VERSION=2.13.0
-DEBIAN_PACKAGES=(dicom3tools dcmtk orthanc orthanc-dicomweb)
+DEBIAN_PACKAGES=(dicom3tools dcmtk orthanc orthanc-dicomweb chromium)
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 if [ ! -x .venv/bin/python ]; then
@@ -22,6 +22,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   echo "$wanted" > "$stamp"
 fi
+
+# OHIF's prebuilt viewer for the viewer test (npm registry tarball, integrity-checked; once).
+[ "${LCADB_SKIP_DEBIAN:-0}" = 1 ] || .venv/bin/python tools/fetch_ohif.py >/dev/null
 
 # LCADB_SKIP_DEBIAN=1: training needs none of the DICOM/PACS test peers.
 [ "${LCADB_SKIP_DEBIAN:-0}" = 1 ] && exit 0

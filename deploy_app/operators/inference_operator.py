@@ -8,102 +8,41 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""LCA-DB inference on each lesion ROI with the model exported by the bundle, on CUDA when present."""
+"""LCA-DB inference on each lesion ROI with the model exported by the bundle, on CUDA when present.
+
+Lesions go through the network ``batch_size`` at a time (``lcadb.inference_batch_size`` in ``app.yaml``), so peak
+memory depends on the chunk, not on the number of lesions. On CUDA the network runs under bfloat16 autocast
+(``lcadb.cuda_autocast``); ``benchmarks/gpu_inference.py`` checks that class and probabilities stay within 1e-3 of
+fp32 there. The work itself is in :mod:`deploy_app.inference`.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from ..bundle_access import LoadedModel, load_model
-from ..domain import LesionResult, LesionROI, PhaseVolume, StudyResult
-from ..errors import ModelPackageError
+from ..domain import LesionROI, PhaseVolume, StudyResult
+from ..inference import DEFAULT_BATCH_SIZE, classify_lesions, most_attended_patch, preprocess_rois, run_network
 
-__all__ = ["LCADBInferenceOperator", "classify_lesions", "most_attended_patch", "preprocess_rois"]
-
-
-def preprocess_rois(model: LoadedModel, rois: list[LesionROI]) -> torch.Tensor:
-    """Network input ``[N, 8, H, W, D]`` of the lesion ROIs, by the bundle's ``image_preprocessing``."""
-    return torch.stack([model.preprocess(roi.roi) for roi in rois])
-
-
-def most_attended_patch(attention: np.ndarray, roi: LesionROI, input_shape: tuple[int, int, int]) -> tuple[float, ...]:
-    """The patch with the largest attention, mapped from the network input back onto the reference grid.
-
-    The network sees the ROI resized to ``input_shape`` (H, W, D) and cuts it into a ``attention.shape`` grid of
-    in-plane patches spanning the whole depth; the resize is linear, so a patch maps back to a box of the ROI.
-
-    Returns:
-        ``(x0, y0, z0, x1, y1, z1)`` in reference-grid voxel-edge coordinates (floats).
-    """
-    gh, gw = attention.shape
-    i, j = np.unravel_index(int(np.argmax(attention)), attention.shape)
-    roi_shape = roi.roi.shape[1:]
-    ph, pw = input_shape[0] / gh, input_shape[1] / gw
-    sx, sy = roi_shape[0] / input_shape[0], roi_shape[1] / input_shape[1]
-    ox, oy, oz = roi.roi_origin
-    return (
-        ox + i * ph * sx,
-        oy + j * pw * sy,
-        float(oz),
-        ox + (i + 1) * ph * sx,
-        oy + (j + 1) * pw * sy,
-        float(oz + roi_shape[2]),
-    )
-
-
-def classify_lesions(
-    model: LoadedModel, rois: list[LesionROI], batch: torch.Tensor | None = None
-) -> list[LesionResult]:
-    """Run the network on every lesion ROI.
-
-    Args:
-        model: the loaded bundle export.
-        rois: lesion ROIs.
-        batch: their preprocessed input (:func:`preprocess_rois`), computed when not given.
-
-    Raises:
-        ModelPackageError: when the network does not return the attention maps (export it with
-            ``--network_def#return_attention true``).
-    """
-    if batch is None:
-        batch = preprocess_rois(model, rois)
-    with torch.inference_mode():
-        output = model.network(batch.to(model.device))
-    if not isinstance(output, (tuple, list)) or len(output) != 3:
-        raise ModelPackageError(
-            f"{model.path} returns {type(output).__name__}, not (probabilities, attention_ia, attention_pa): export "
-            "the bundle with 'ckpt_export ... --network_def#return_attention true'."
-        )
-    probabilities, attention_ia, attention_pa = (t.float().cpu().numpy() for t in output)
-    if probabilities.shape != (len(rois), len(model.class_names)):
-        raise ModelPackageError(
-            f"{model.path} returns probabilities of shape {probabilities.shape}, expected "
-            f"{(len(rois), len(model.class_names))} ({len(model.class_names)} classes in its metadata)."
-        )
-    attention = 0.5 * (attention_ia + attention_pa)
-    input_shape = tuple(int(s) for s in batch.shape[2:])
-    return [
-        LesionResult(
-            lesion=roi,
-            probabilities=probabilities[n],
-            class_index=int(np.argmax(probabilities[n])),
-            attention=attention[n],
-            patch_box=most_attended_patch(attention[n], roi, input_shape),  # type: ignore[arg-type]
-        )
-        for n, roi in enumerate(rois)
-    ]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "LCADBInferenceOperator",
+    "classify_lesions",
+    "most_attended_patch",
+    "preprocess_rois",
+    "run_network",
+]
 
 
 class LCADBInferenceOperator(Operator):
     """Classifies each lesion ROI with the TorchScript exported by the bundle.
 
     The preprocessing is the bundle's ``image_preprocessing`` (embedded ``inference.json``); the network
-    runs on CUDA when available, else on the CPU.
+    runs on CUDA when available (bfloat16 autocast unless ``autocast`` is false), else on the CPU, ``batch_size``
+    lesions at a time.
 
     Named inputs:
         lesion_rois: list of :class:`deploy_app.domain.LesionROI` from the ROI operator.
@@ -113,9 +52,22 @@ class LCADBInferenceOperator(Operator):
         result: a :class:`deploy_app.domain.StudyResult`, in memory.
     """
 
-    def __init__(self, fragment: Fragment, *args, model_path: Path, device: str | None = None, **kwargs):
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        model_path: Path,
+        device: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        autocast: bool = True,
+        **kwargs,
+    ):
+        if int(batch_size) < 1:
+            raise ValueError(f"lcadb.inference_batch_size must be at least 1, got {batch_size}.")
         self.model_path = Path(model_path)
         self.device = device
+        self.batch_size = int(batch_size)
+        self.autocast = bool(autocast)
         self.input_name_rois = "lesion_rois"
         self.input_name_volume = "phase_volume"
         self.output_name_result = "result"
@@ -147,7 +99,7 @@ class LCADBInferenceOperator(Operator):
     def predict(self, rois: list[LesionROI], volume: PhaseVolume) -> StudyResult:
         """Classify the lesions of one study."""
         model = self.model
-        lesions = classify_lesions(model, rois)
+        lesions = classify_lesions(model, rois, batch_size=self.batch_size, autocast=self.autocast)
         for result in lesions:
             self._logger.info(
                 "Lesion %s: %s (p=%.3f).",

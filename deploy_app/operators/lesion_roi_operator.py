@@ -8,9 +8,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Lesion ROIs: one per segment of the study's DICOM SEG, or one per box of a ``lesion_boxes.json`` file.
+"""Lesion ROIs: one per box of a ``lesion_boxes.json`` file, per region a reader marked in a measurement SR of the
+study (:mod:`deploy_app.reader_sr`), or per segment of the study's DICOM SEG, in this order of precedence.
 
-The box file sits in the input folder next to the DICOM files (it wins over a SEG when both are given)::
+The box file sits in the input folder next to the DICOM files::
 
     {"lesions": [
         {"id": "L1", "box_mm": [x0, y0, z0, x1, y1, z1]},
@@ -34,8 +35,9 @@ import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pydicom.dataset import Dataset
 
-from ..domain import LesionROI, PhaseVolume
+from ..domain import MANUFACTURER, LesionROI, PhaseVolume
 from ..errors import StudyInputError
+from ..reader_sr import is_reader_measurement_sr, reader_boxes
 from .phase_volume_operator import series_geometry
 
 __all__ = ["BOX_FILE_NAME", "LesionROIOperator", "lesion_rois", "read_box_file", "segment_boxes"]
@@ -158,12 +160,29 @@ def lesion_rois(volume: PhaseVolume, input_folder: Path | None) -> list[LesionRO
     from scripts.roi import check_box, crop_lesion_roi, roi_slices
 
     box_file = Path(input_folder) / BOX_FILE_NAME if input_folder is not None else None
-    segs = [ds for ds in volume.study_datasets if str(ds.SOPClassUID) == _SEG_SOP_CLASS]
+    # the attention SEG and SR of an earlier run may be in a study fetched back from the PACS: never lesion sources
+    segs = [
+        ds
+        for ds in volume.study_datasets
+        if str(ds.SOPClassUID) == _SEG_SOP_CLASS and str(ds.get("Manufacturer", "")) != MANUFACTURER
+    ]
+    reports = [ds for ds in volume.study_datasets if is_reader_measurement_sr(ds)]
+    marks = reader_boxes(reports, volume.study_datasets) if reports else []
     found: list[tuple[str, tuple[int, ...], str, Dataset | None, int | None]] = []
+    sources: dict[str, Dataset] = {}
     if box_file is not None and box_file.is_file():
-        if segs:
-            logging.getLogger(__name__).info("Using %s; the study's SEG is not used for lesion ROIs.", box_file)
+        if segs or marks:
+            logging.getLogger(__name__).info("Using %s; the study's SEG / measurement SR are not used.", box_file)
         found = [(lid, box, source, None, None) for lid, box, source in read_box_file(box_file, volume)]
+    elif marks:
+        if segs:
+            logging.getLogger(__name__).info("Using the reader's measurement SR; the study's SEG is not used.")
+        for lesion_id, corners, where, report in marks:
+            box = _grid_box(corners, volume.affine, inside=True)
+            shape = volume.spatial_shape
+            box = (*(max(0, v) for v in box[:3]), *(min(n, v) for n, v in zip(shape, box[3:], strict=True)))
+            found.append((lesion_id, box, where, None, None))
+            sources[where] = report
     elif len(segs) == 1:
         found = [
             (lid, box, f"SEG segment {number}", segs[0], number) for lid, box, number in segment_boxes(segs[0], volume)
@@ -174,7 +193,8 @@ def lesion_rois(volume: PhaseVolume, input_folder: Path | None) -> list[LesionRO
         )
     if not found:
         raise StudyInputError(
-            f"no lesion given: the study has no DICOM SEG and the input folder has no {BOX_FILE_NAME}."
+            f"no lesion given: the study has no DICOM SEG, no measurement SR with a region, and the input folder "
+            f"has no {BOX_FILE_NAME}."
         )
     rois = []
     for lesion_id, box, source, seg, number in found:
@@ -195,6 +215,7 @@ def lesion_rois(volume: PhaseVolume, input_folder: Path | None) -> list[LesionRO
                 source=source,
                 segmentation=seg,
                 segment_number=number,
+                source_report=sources.get(source),
             )
         )
     return rois
