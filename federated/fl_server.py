@@ -17,15 +17,18 @@ Written for NVFlare 2.9 (the recipe API changed in 2.7).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import ModelLearnable
+from nvflare.app_common.app_constant import DefaultCheckpointFileName
 from nvflare.app_common.utils.fedprox_utils import normalize_fedprox_mu
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
@@ -38,35 +41,89 @@ SITE_ERROR_KEY = "lcadb_site_error"
 
 
 class BundleCheckpointPersistor(PTFileModelPersistor):
-    """``PTFileModelPersistor`` that also writes the global model as a MONAI bundle checkpoint.
+    """``PTFileModelPersistor`` that starts from a bundle checkpoint and writes the global model as one.
 
     NVFlare saves ``{"model": state_dict, "meta_props": ..., "train_conf": ...}`` in ``FL_global_model.pt``. Beside it,
     after every round, this persistor writes ``<bundle_ckpt_dir>/<bundle_ckpt_name>`` (default ``models/model.pt``
     in the server app folder): the plain network ``state_dict`` with the dtypes of the initial model, exactly what
     the bundle's own training saves, so ``python -m monai.bundle ckpt_export --ckpt_file ...`` and the deploy app load
-    it unchanged. The file is written to a temporary name and renamed, so it is never half-written.
+    it unchanged. Next to it, ``<bundle_ckpt_name stem>_config.json`` holds the bundle overrides the job trained with
+    (``network_config``), a config file the bundle merges with ``--config_file``, so evaluating or exporting the model
+    needs no remembered overrides. Both are written to a temporary name and renamed, so they are never half-written.
+
+    Every argument is an explicit constructor parameter stored under its own name: NVFlare's job serializer writes
+    exactly those into ``config_fed_server.json`` (arguments hidden in ``**kwargs`` are silently dropped).
 
     Args:
         model: the network, a ``torch.nn.Module`` or ``{"path": "scripts.network.LCADB", "args": {...}}``.
+        source_ckpt_file_full_name: checkpoint to start from: a plain ``state_dict`` (bundle ``model.pt``), a dict
+            with a ``"model"`` entry (NVFlare ``FL_global_model.pt``, bundle ``checkpoint.pt``). Absolute, or relative
+            to the server app's ``custom/`` folder (where ``job.py`` ships it). None starts from the network's own
+            initialisation. Defaults to None.
         bundle_ckpt_dir: folder, relative to the server app folder, of the bundle checkpoint. Defaults to "models".
         bundle_ckpt_name: file name of the bundle checkpoint. Defaults to "model.pt".
-        kwargs: the other ``PTFileModelPersistor`` arguments.
+        network_config: bundle overrides (``{"id": value}``) the network was built with, written beside the bundle
+            checkpoint. Defaults to None (nothing written).
+        global_model_file_name: NVFlare's global model file. Defaults to "FL_global_model.pt".
+        best_global_model_file_name: NVFlare's best global model file. Defaults to "best_FL_global_model.pt".
+        load_weights_only: load checkpoints with ``torch.load(weights_only=True)``. Defaults to True.
+
+    Raises:
+        ValueError: for a bundle checkpoint path outside the app folder.
     """
 
     def __init__(
         self,
         model: torch.nn.Module | dict[str, Any] | None = None,
+        source_ckpt_file_full_name: str | None = None,
         bundle_ckpt_dir: str = "models",
         bundle_ckpt_name: str = "model.pt",
-        **kwargs: Any,
+        network_config: dict[str, Any] | None = None,
+        global_model_file_name: str = DefaultCheckpointFileName.GLOBAL_MODEL,
+        best_global_model_file_name: str = DefaultCheckpointFileName.BEST_GLOBAL_MODEL,
+        load_weights_only: bool = True,
     ) -> None:
         if os.path.isabs(bundle_ckpt_dir) or ".." in bundle_ckpt_dir.split(os.sep):
             raise ValueError(f"bundle_ckpt_dir must be a relative folder inside the app, got {bundle_ckpt_dir!r}.")
         if not bundle_ckpt_name or os.sep in bundle_ckpt_name:
             raise ValueError(f"bundle_ckpt_name must be a plain file name, got {bundle_ckpt_name!r}.")
-        super().__init__(model=model, **kwargs)
+        super().__init__(
+            model=model,
+            global_model_file_name=global_model_file_name,
+            best_global_model_file_name=best_global_model_file_name,
+            source_ckpt_file_full_name=source_ckpt_file_full_name,
+            load_weights_only=load_weights_only,
+        )
         self.bundle_ckpt_dir = bundle_ckpt_dir
         self.bundle_ckpt_name = bundle_ckpt_name
+        self.network_config = dict(network_config) if network_config else None
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        learnable = super().load_model(fl_ctx)
+        if learnable is None or not self.source_ckpt_file_full_name or not isinstance(self.model, torch.nn.Module):
+            return learnable
+        # a checkpoint of another network configuration must stop the job here, not at every site in round 0
+        loaded = self.persistence_manager.var_dict
+        expected = self.model.state_dict()
+        missing = [k for k in expected if k not in loaded and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in loaded if k not in expected]
+        wrong = [
+            f"{k}: {tuple(torch.as_tensor(loaded[k]).shape)} vs {tuple(expected[k].shape)}"
+            for k in expected
+            if k in loaded and tuple(torch.as_tensor(loaded[k]).shape) != tuple(expected[k].shape)
+        ]
+        if missing or unexpected or wrong:
+            self.system_panic(
+                reason=(
+                    f"Initial checkpoint {self.source_ckpt_file_full_name} does not fit the job's network "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape checkpoint vs network {wrong[:3]}); "
+                    "pass the bundle configs/overrides it was trained with (its *_config.json)."
+                ),
+                fl_ctx=fl_ctx,
+            )
+            return None
+        self.log_info(fl_ctx, f"Global model starts from {self.source_ckpt_file_full_name} ({len(loaded)} tensors)")
+        return learnable
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
         super().save_model(ml, fl_ctx)
@@ -74,8 +131,13 @@ class BundleCheckpointPersistor(PTFileModelPersistor):
         self.write_bundle_checkpoint(path)
         self.log_info(fl_ctx, f"Global model saved as a bundle checkpoint: {path}")
 
+    def bundle_config_path(self, ckpt_path: str) -> str:
+        """The network-settings file written beside the bundle checkpoint ``ckpt_path``."""
+        return os.path.splitext(ckpt_path)[0] + "_config.json"
+
     def write_bundle_checkpoint(self, path: str) -> None:
-        """Write the current global weights as a plain ``state_dict`` (tensors, initial dtypes) to ``path``."""
+        """Write the current global weights as a plain ``state_dict`` (tensors, initial dtypes) to ``path``,
+        and the network settings (``network_config``) beside it."""
         weights = self.persistence_manager.to_persistence_dict()["model"]
         reference = self.model.state_dict() if isinstance(self.model, torch.nn.Module) else {}
         state_dict = OrderedDict()
@@ -84,14 +146,22 @@ class BundleCheckpointPersistor(PTFileModelPersistor):
             if key in reference:
                 tensor = tensor.to(reference[key].dtype)
             state_dict[key] = tensor
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            torch.save(state_dict, tmp_path)
-            os.replace(tmp_path, path)
-        finally:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
+        _atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+        if self.network_config is not None:
+            text = json.dumps(self.network_config, indent=2, sort_keys=True) + "\n"
+            _atomic_write(self.bundle_config_path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
 
 
 class ResilientFedAvg(FedAvg):

@@ -54,7 +54,9 @@ __all__ = [
     "default_key_metric",
     "in_job_dir",
     "find_global_checkpoint",
+    "copy_global_checkpoint",
     "network_model_config",
+    "network_settings",
     "resolve_paths",
     "site_data_roots",
     "stage_bundle",
@@ -80,7 +82,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle_root", default=str(DEFAULT_BUNDLE_ROOT), help="the MONAI bundle shipped with the job")
     p.add_argument("--config_file", action="append", default=None, help="bundle config(s) relative to bundle root")
     p.add_argument("--override", action="append", default=[], help="bundle override id=value (repeatable)")
-    p.add_argument("--initial_ckpt", default=None, help="bundle checkpoint (state_dict) to start from (server side)")
+    p.add_argument(
+        "--initial_ckpt",
+        default=None,
+        help="bundle checkpoint (state_dict, e.g. a previous job's global model.pt) to start from; shipped in the job",
+    )
+    p.add_argument(
+        "--initial_ckpt_on_server",
+        default=None,
+        help="absolute path of the start checkpoint on the server machine (production; not shipped)",
+    )
     p.add_argument("--num_rounds", type=int, default=5)
     p.add_argument("--local_epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--min_clients", type=int, default=None, help="fewest sites a round needs (default: all)")
@@ -175,8 +186,15 @@ def default_key_metric(
     return f"global_val_{name}"
 
 
+#: Bundle files never shipped: ``nvflare job submit`` parses every ``*.conf``/``*.json``/``*.yml`` in ``custom/`` as
+#: an NVFlare config and rejects the bundle's INI ``logging.conf`` (sites never apply it: ``logging_file=False``).
+STAGE_IGNORE = ("__pycache__", "*.pyc", "logging.conf", "*.yml", "*.yaml")
+#: Name of the shipped start checkpoint inside the server app's ``custom/`` folder.
+INITIAL_CKPT_NAME = "initial_model.pt"
+
+
 def stage_bundle(bundle_root: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Copy the bundle's ``configs/`` and ``scripts/`` (no checkpoints, no caches) to ``dest`` for the job.
+    """Copy the bundle's ``configs/`` and ``scripts/`` (no checkpoints, caches or ``logging.conf``) to ``dest``.
 
     NVFlare copies ``dest``'s content into every app's ``custom/`` folder, which is on the app's ``sys.path``:
     the server imports ``scripts.network`` from there and each site's ``custom/`` is a complete bundle root.
@@ -185,8 +203,29 @@ def stage_bundle(bundle_root: str | os.PathLike, dest: str | os.PathLike) -> Pat
     for sub in ("configs", "scripts"):
         if not (bundle_root / sub).is_dir():
             raise FileNotFoundError(f"bundle folder missing: {bundle_root / sub}")
-        shutil.copytree(bundle_root / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(bundle_root / sub, dest / sub, ignore=shutil.ignore_patterns(*STAGE_IGNORE))
     return dest
+
+
+def network_settings(
+    bundle_root: str | os.PathLike, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The bundle settings a job trains with on top of ``configs/train.json``: the content of every further
+    (override-style) config file, then the ``--override`` values, as one config the bundle can merge again.
+
+    Written beside the global checkpoint (``model_config.json``), so evaluating or exporting it takes
+    ``--config_file configs/train.json --config_file <that file>`` and nothing remembered.
+    """
+    settings: dict[str, Any] = {}
+    for config in config_files:
+        if Path(config).as_posix() == "configs/train.json":
+            continue
+        content = json.loads((Path(bundle_root) / config).read_text())
+        if not isinstance(content, dict):
+            raise ValueError(f"bundle config {config} must hold a JSON object, got {type(content).__name__}.")
+        settings.update(content)
+    settings.update(overrides or {})
+    return json.loads(json.dumps(settings))
 
 
 def _arg(value: Any) -> str:
@@ -219,8 +258,21 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
     shared_args = " ".join(train_args)
 
     model = network_model_config(args.bundle_root, config_files, overrides)
+    if args.initial_ckpt and args.initial_ckpt_on_server:
+        raise ValueError("give --initial_ckpt (shipped with the job) or --initial_ckpt_on_server, not both.")
+    start_ckpt = None
+    if args.initial_ckpt:
+        if not Path(args.initial_ckpt).is_file():
+            raise FileNotFoundError(f"--initial_ckpt: checkpoint file not found: {args.initial_ckpt}")
+        start_ckpt = INITIAL_CKPT_NAME
+    elif args.initial_ckpt_on_server:
+        if not os.path.isabs(args.initial_ckpt_on_server):
+            raise ValueError(f"--initial_ckpt_on_server must be absolute, got {args.initial_ckpt_on_server!r}.")
+        start_ckpt = args.initial_ckpt_on_server
     persistor = BundleCheckpointPersistor(
-        model={"path": model["class_path"], "args": model["args"]}, source_ckpt_file_full_name=args.initial_ckpt
+        model={"path": model["class_path"], "args": model["args"]},
+        source_ckpt_file_full_name=start_ckpt,
+        network_config=network_settings(args.bundle_root, config_files, overrides),
     )
     recipe = LCADBFedAvgRecipe(
         name=args.name,
@@ -239,6 +291,13 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
     set_per_site_config(recipe, {site: {"train_args": a} for site, a in site_args.items()})
     recipe.add_server_file(str(staged_bundle))
     recipe.add_client_file(str(staged_bundle))
+    if start_ckpt == INITIAL_CKPT_NAME:
+        # shipped in the server app's custom/ folder only, and named relative to it: the same job runs in the
+        # simulator, PoC and production; the sites receive the start weights from the server
+        shipped = Path(staged_bundle).parent / "server_only" / INITIAL_CKPT_NAME
+        shipped.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.initial_ckpt, shipped)
+        recipe.add_server_file(str(shipped))
     if args.privacy_percentile is not None:
         # clips and sparsifies each site's weight difference before it leaves the site; NOT differential privacy
         recipe.add_client_output_filter(
@@ -285,6 +344,19 @@ def find_global_checkpoint(result_dir: str | os.PathLike) -> Path | None:
     return matches[0] if matches else None
 
 
+def copy_global_checkpoint(ckpt: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a global bundle checkpoint and its ``*_config.json`` network settings to ``dest`` (atomic renames)."""
+    ckpt, dest = Path(ckpt), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [(ckpt, dest), (ckpt.with_name(f"{ckpt.stem}_config.json"), dest.with_name(f"{dest.stem}_config.json"))]
+    for src, dst in pairs:
+        if src.is_file():
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not nvflare.__version__.startswith(NVFLARE_VERSION):
@@ -307,10 +379,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         return None
     if args.output_ckpt:
         Path(args.output_ckpt).parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = Path(args.output_ckpt).with_name(f".{Path(args.output_ckpt).name}.tmp")
-        shutil.copyfile(ckpt, tmp_out)
-        os.replace(tmp_out, args.output_ckpt)
-        ckpt = Path(args.output_ckpt)
+        ckpt = copy_global_checkpoint(ckpt, args.output_ckpt)
     logger.info(f"Global model (bundle checkpoint, network state_dict): {ckpt}")
     return ckpt
 

@@ -118,9 +118,7 @@ def run_poc(args: argparse.Namespace) -> Path | None:
         logger.error("No global bundle checkpoint in the PoC job result.")
         return None
     if args.output_ckpt:
-        Path(args.output_ckpt).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ckpt, args.output_ckpt)
-        ckpt = Path(args.output_ckpt)
+        ckpt = job.copy_global_checkpoint(ckpt, args.output_ckpt)
     logger.info(f"Global model (bundle checkpoint): {ckpt}")
     return ckpt
 

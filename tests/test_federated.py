@@ -16,9 +16,13 @@ The simulator and PoC runs are marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +68,17 @@ def load_bundle_checkpoint(path: Path) -> torch.nn.Module:
     net = tiny_network()
     net.load_state_dict(state, strict=True)
     return net
+
+
+def assert_parameters_equal(global_state: dict, reference: dict) -> None:
+    """Every trainable parameter of ``global_state`` equals ``reference`` exactly (buffers such as BatchNorm running
+    statistics move even at learning rate 0, so they are not compared)."""
+    names = [n for n, _ in tiny_network().named_parameters()]
+    assert names and set(names) <= set(global_state)
+    different = [n for n in names if not torch.equal(global_state[n].float(), reference[n].float())]
+    assert not different, (
+        f"{len(different)} of {len(names)} parameters differ from the checkpoint, e.g. {different[:3]}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +281,24 @@ def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
     result = tmp_path / "ws" / "sim2" / "server" / "simulate_job"
     cse = json.loads((result / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(cse) == {"site_a", "site_b"} and all("val_accuracy" in m["SRV_FL_global_model.pt"] for m in cse.values())
+    # the global checkpoint carries the settings it was trained with: train.json + model_config.json rebuild it
+    settings = tmp_path / "out" / "model_config.json"
+    assert json.loads(settings.read_text())["network_def#widen_factor"] == TINY["network_def#widen_factor"]
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(settings)])
+    parser.get_parsed_content("network_def").load_state_dict(final, strict=True)
+
+    # warm start / continuation: a second job starts from this global model. With learning rate 0 no site changes a
+    # weight, so the global weights after its first round are exactly the checkpoint's (a random server start fails)
+    ckpt2 = job.main(
+        "--name sim_continue --sites site_a site_b --num_rounds 1 --cross_site_eval none".split()
+        + ["--data_root", str(fed_data["site_a"].parent), "--initial_ckpt", str(ckpt)]
+        + ["--workspace", str(tmp_path / "ws"), "--output_ckpt", str(tmp_path / "out2" / "model.pt"), *FAST_JOB_ARGS]
+        + ["--override", "learning_rate=0.0"]
+    )
+    assert_parameters_equal(torch.load(ckpt2, map_location="cpu", weights_only=True), final)
+    server_log = (tmp_path / "ws" / "sim_continue" / "server" / "log.txt").read_text()
+    assert "Global model starts from initial_model.pt" in server_log
 
 
 @pytest.mark.slow
@@ -310,3 +343,88 @@ def test_poc_real_processes_on_localhost(fed_data, tmp_path):
     assert ckpt is not None and ckpt.is_file()
     load_bundle_checkpoint(ckpt)
     assert not (tmp_path / "poc").exists()  # PoC stopped and cleaned up
+
+
+@contextlib.contextmanager
+def running_poc(root: Path, sites, port: int):
+    """A PoC federation started with NVFlare's own CLI (``nvflare poc prepare/start/stop``): a server on
+    127.0.0.1:``port`` and one client process per site. Yields the admin startup kit and the CLI environment."""
+    import poc
+
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    env = {**os.environ, "NVFLARE_POC_WORKSPACE": str(root / "poc")}
+    project = poc.write_poc_project(root / "project.yml", sites, port)
+    subprocess.run([nvflare, "poc", "prepare", "-i", str(project), "--force"], env=env, check=True, timeout=120)
+    try:
+        subprocess.run([nvflare, "poc", "start", "-ex", poc.POC_ADMIN], env=env, check=True, timeout=180)
+        yield root / "poc" / "lcadb_poc" / "prod_00" / poc.POC_ADMIN, env
+    finally:
+        subprocess.run([nvflare, "poc", "stop"], env=env, timeout=180)
+
+
+def wait_for_job(admin_kit: Path, job_id: str, timeout: float, download_to: Path) -> tuple[str, Path]:
+    """Wait for a job through NVFlare's admin API (as the admin console does) and download its result."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    session = new_secure_session("admin@nvidia.com", str(admin_kit))
+    try:
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            status = session.get_job_meta(job_id).get("status", "")
+            if status.startswith("FINISHED"):
+                break
+            time.sleep(2)
+        download_to.mkdir(parents=True, exist_ok=True)
+        return status, Path(session.download_job_result(job_id, str(download_to)))
+    finally:
+        session.close()
+
+
+@pytest.mark.slow
+def test_poc_nvflare_job_submit_of_exported_job_warm_starts(fed_data, tmp_path):
+    """The production path: export the job, submit it with `nvflare job submit` and the admin's startup kit to a
+    running federation (PoC processes), follow it through the admin API. The exported job names the shipped start
+    checkpoint; with learning rate 0 the global weights after the first round equal that checkpoint exactly."""
+    torch.manual_seed(7)
+    start = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in tiny_network().state_dict().items()
+    }
+    start_ckpt = fl_site.save_state_dict(start, tmp_path / "start.pt")
+    args = job.resolve_paths(
+        job.build_arg_parser().parse_args(
+            "--name submitted --sites site_a site_b --num_rounds 1 --cross_site_eval none --wait_after_min 60".split()
+            + ["--data_root", str(fed_data["site_a"].parent), "--initial_ckpt", str(start_ckpt), *FAST_JOB_ARGS]
+            + ["--override", "learning_rate=0.0"]
+        )
+    )
+    with job.in_job_dir():
+        recipe = job.build_recipe(
+            args, job.site_data_roots(args.sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / "b")
+        )
+        recipe.export(str(tmp_path / "exported"))
+    exported = tmp_path / "exported" / "submitted"
+    server_config = json.loads((exported / "app_server" / "config" / "config_fed_server.json").read_text())
+    persistor = next(c for c in server_config["components"] if c["path"].endswith("BundleCheckpointPersistor"))
+    assert persistor["args"]["source_ckpt_file_full_name"] == job.INITIAL_CKPT_NAME
+    assert (exported / "app_server" / "custom" / job.INITIAL_CKPT_NAME).is_file()
+    assert not list(exported.rglob("*.conf"))  # `nvflare job submit` parses every *.conf as an NVFlare config
+
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    with running_poc(tmp_path, ["site_a", "site_b"], port=8112) as (admin_kit, env):
+        submitted = subprocess.run(
+            [nvflare, "job", "submit", "-j", str(exported), "--startup-kit", str(admin_kit)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        job_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", submitted.stdout).group(0)
+        status, result = wait_for_job(admin_kit, job_id, 400, tmp_path / "result")
+    assert status == "FINISHED:COMPLETED", status
+    ckpt = job.find_global_checkpoint(result)
+    assert ckpt is not None
+    assert_parameters_equal(torch.load(ckpt, map_location="cpu", weights_only=True), start)
+    assert (ckpt.parent / "model_config.json").is_file()
