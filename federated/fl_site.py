@@ -47,6 +47,7 @@ __all__ = [
     "SiteTrainer",
     "batchnorm_keys",
     "check_site_data",
+    "describe_error",
     "exchanged_keys",
     "parse_overrides",
     "run_site",
@@ -92,6 +93,28 @@ def check_site_data(site_name: str, data_root: str | os.PathLike | None) -> Path
     if not training:
         raise ValueError(f"Site '{site_name}': the datalist {datalist} has no 'training' cases.")
     return datalist
+
+
+def describe_error(site_name: str, error: BaseException) -> str:
+    """One line for the coordinator: the site, and the innermost error of the chain with its type.
+
+    MONAI wraps a component's error ("Failed to instantiate component 'scripts.training.load_datalist' ...");
+    the reason that names the case (a bad label, a missing file) is the innermost cause, so that one is reported,
+    together with the outermost message when it differs.
+    """
+    chain, seen = [], set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    root, prefix = chain[-1], f"Site '{site_name}'"
+    message = str(root).strip()
+    reason = message if message.startswith(prefix) else f"{prefix}: {type(root).__name__}: {message}"
+    outer = str(chain[0]).strip().splitlines()[0] if str(chain[0]).strip() else type(chain[0]).__name__
+    if len(chain) > 1 and outer not in reason:
+        reason = f"{reason} (while: {outer})"
+    return reason
 
 
 def batchnorm_keys(network: torch.nn.Module) -> set[str]:
@@ -293,6 +316,8 @@ class SiteTrainer:
         self.fedprox = FedProxHandler()
         self.fedprox.attach(self.trainer)
         self._losses: list[float] = []
+        self.last_global: dict[str, torch.Tensor] | None = None
+        self.last_num_steps = 1
         self.trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._record_loss)
 
     def _record_loss(self, engine: SupervisedTrainer) -> None:
@@ -352,6 +377,7 @@ class SiteTrainer:
         if global_weights is not None:
             self.load_global(global_weights)
         start = {k: v.detach().clone() for k, v in self.network.state_dict().items() if k in set(self.keys)}
+        self.last_global = {k: v.cpu() for k, v in start.items()}
         metrics = {f"global_{k}": v for k, v in self.evaluate().items()}
         self.fedprox.set_reference(self.network, fedprox_mu)
         state = self.trainer.state
@@ -366,6 +392,7 @@ class SiteTrainer:
         self.trainer.run()
         self.fedprox.set_reference(self.network, 0.0)
         num_steps = self.trainer.state.iteration - first_iteration
+        self.last_num_steps = num_steps
         if self._losses:
             metrics["train_loss"] = sum(self._losses) / len(self._losses)
         if self.evaluator is not None:
@@ -376,6 +403,32 @@ class SiteTrainer:
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+
+    def local_model_as_update(self) -> dict[str, torch.Tensor]:
+        """The local model as its difference to the last global model this site trained from (exchanged keys).
+
+        With a privacy filter, a site's local model leaves the site only in this form, so the filter sees it as it
+        sees a training update; every site that trained in that round holds the same base (:meth:`from_update`).
+
+        Raises:
+            RuntimeError: before the first training round (no global model to differ from).
+        """
+        if self.last_global is None:
+            raise RuntimeError(f"Site '{self.site_name}': no training round yet, so no global model to differ from.")
+        local = self.network.state_dict()
+        return {k: local[k].detach().cpu() - self.last_global[k] for k in self.keys}
+
+    def from_update(self, update: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Another site's model sent by :meth:`local_model_as_update`: this site's last global model plus ``update``.
+
+        Raises:
+            RuntimeError: before the first training round.
+        """
+        if self.last_global is None:
+            raise RuntimeError(
+                f"Site '{self.site_name}': no training round yet, cannot rebuild a model from an update."
+            )
+        return {k: self.last_global[k] + torch.as_tensor(update[k]).to(self.last_global[k].dtype) for k in update}
 
 
 def _is_number(value: Any) -> bool:

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import nvflare
+from fl_privacy import PRIVACY_TASKS, ChangedPercentilePrivacy, CountingSVTPrivacy
 from fl_server import BundleCheckpointPersistor, LCADBFedAvgRecipe
 from fl_site import parse_overrides
-from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.recipe import ProdEnv, SimEnv
 from nvflare.recipe.utils import (
     add_cross_site_evaluation,
@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_BUNDLE_ROOT",
     "build_arg_parser",
     "build_recipe",
+    "build_privacy_filter",
     "bundle_parser",
     "default_key_metric",
     "in_job_dir",
@@ -98,8 +99,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait_after_min", type=int, default=3600, help="seconds to wait for stragglers per round")
     p.add_argument("--fedprox_mu", type=float, default=0.0, help="FedProx proximal coefficient (0: FedAvg)")
     p.add_argument("--fedbn", action="store_true", help="keep BatchNorm parameters and statistics at each site")
-    p.add_argument("--privacy_percentile", type=float, default=None, help="PercentilePrivacy filter (e.g. 10)")
-    p.add_argument("--privacy_gamma", type=float, default=0.01, help="PercentilePrivacy clipping bound")
+    p.add_argument(
+        "--privacy",
+        choices=["none", "percentile", "svt"],
+        default=None,
+        help="filter on every model result leaving a site: percentile (PercentilePrivacy, not DP) or svt "
+        "(NVFlare's differential-privacy SVTPrivacy); default none, or percentile when --privacy_percentile is given",
+    )
+    p.add_argument("--privacy_percentile", type=float, default=None, help="percent of changed elements zeroed (10)")
+    p.add_argument("--privacy_gamma", type=float, default=0.01, help="PercentilePrivacy per-step clipping bound")
+    p.add_argument("--svt_fraction", type=float, default=0.1, help="SVTPrivacy: fraction of elements shared")
+    p.add_argument("--svt_epsilon", type=float, default=0.1, help="SVTPrivacy: privacy budget of the selection")
+    p.add_argument("--svt_noise_var", type=float, default=0.1, help="SVTPrivacy: release noise control")
+    p.add_argument("--svt_gamma", type=float, default=1e-5, help="SVTPrivacy: clipping bound")
+    p.add_argument("--svt_tau", type=float, default=1e-6, help="SVTPrivacy: threshold offset")
     p.add_argument(
         "--cross_site_eval",
         choices=["global", "full", "none"],
@@ -107,6 +120,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="global: final global model on every site; full: also every site's model on every site",
     )
     p.add_argument("--key_metric", default=None, help="client metric for the best global model (e.g. global_val_f1)")
+    p.add_argument(
+        "--in_process",
+        action="store_true",
+        help="train inside the NVFlare client job process (faster start; a crash then fails the whole job)",
+    )
+    p.add_argument(
+        "--site_python",
+        default=None,
+        help="Python the sites run the training with (default: this interpreter; production: e.g. python3)",
+    )
     p.add_argument("--tracking", choices=["tensorboard", "none"], default="tensorboard")
     p.add_argument("--workspace", default="/tmp/nvflare/lcadb", help="SimEnv workspace root")
     p.add_argument("--threads", type=int, default=None, help="SimEnv: sites trained in parallel (default: all)")
@@ -228,6 +251,37 @@ def network_settings(
     return json.loads(json.dumps(settings))
 
 
+def build_privacy_filter(args: argparse.Namespace) -> ChangedPercentilePrivacy | CountingSVTPrivacy | None:
+    """The site output filter chosen with ``--privacy`` (``--privacy_percentile`` alone selects ``percentile``).
+
+    Raises:
+        ValueError: for filter settings out of range.
+    """
+    kind = args.privacy or ("percentile" if args.privacy_percentile is not None else "none")
+    if kind == "percentile":
+        percentile = 10.0 if args.privacy_percentile is None else args.privacy_percentile
+        if not (0 <= percentile <= 100 and args.privacy_gamma > 0):
+            raise ValueError(
+                f"privacy_percentile must be in [0, 100] and privacy_gamma > 0, got {percentile} and "
+                f"{args.privacy_gamma}."
+            )
+        return ChangedPercentilePrivacy(percentile=percentile, gamma=args.privacy_gamma)
+    if kind == "svt":
+        if not (0 < args.svt_fraction <= 1 and args.svt_epsilon > 0 and args.svt_noise_var > 0 and args.svt_gamma > 0):
+            raise ValueError(
+                "svt_fraction must be in (0, 1] and svt_epsilon, svt_noise_var, svt_gamma > 0, got "
+                f"{args.svt_fraction}, {args.svt_epsilon}, {args.svt_noise_var}, {args.svt_gamma}."
+            )
+        return CountingSVTPrivacy(
+            fraction=args.svt_fraction,
+            epsilon=args.svt_epsilon,
+            noise_var=args.svt_noise_var,
+            gamma=args.svt_gamma,
+            tau=args.svt_tau,
+        )
+    return None
+
+
 def _arg(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     if any(c.isspace() for c in text):
@@ -244,17 +298,15 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         raise ValueError(f"min_clients must be in [1, {len(args.sites)}] (the number of sites), got {min_clients}.")
     if args.num_rounds < 1 or args.local_epochs < 1:
         raise ValueError(f"num_rounds and local_epochs must be >= 1, got {args.num_rounds} and {args.local_epochs}.")
-    if args.privacy_percentile is not None and not (0 <= args.privacy_percentile <= 100 and args.privacy_gamma > 0):
-        raise ValueError(
-            f"privacy_percentile must be in [0, 100] and privacy_gamma > 0, got {args.privacy_percentile} and "
-            f"{args.privacy_gamma}."
-        )
+    privacy_filter = build_privacy_filter(args)
 
     train_args = [f"--local_epochs {args.local_epochs}"]
     train_args += [f"--config_file {_arg(c)}" for c in config_files]
     train_args += [f"--override {_arg(k)}={_arg(v)}" for k, v in overrides.items()]
     if args.fedbn:
         train_args.append("--fedbn")
+    if privacy_filter is not None:
+        train_args.append("--submit_update")  # local models for cross-site evaluation go through the filter too
     shared_args = " ".join(train_args)
 
     model = network_model_config(args.bundle_root, config_files, overrides)
@@ -284,6 +336,9 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         fedprox_mu=args.fedprox_mu,
         wait_time_after_min_received=args.wait_after_min,
         key_metric=args.key_metric or default_key_metric(args.bundle_root, config_files, overrides),
+        # a separate training process: a killed or crashed trainer fails that site's task, not the whole job
+        launch_external_process=not args.in_process,
+        command=f"{_arg(args.site_python or sys.executable)} -u",
     )
     # per-site data: only the data path differs between sites
     site_args = {site: shared_args for site in args.sites}
@@ -298,11 +353,8 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         shipped.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.initial_ckpt, shipped)
         recipe.add_server_file(str(shipped))
-    if args.privacy_percentile is not None:
-        # clips and sparsifies each site's weight difference before it leaves the site; NOT differential privacy
-        recipe.add_client_output_filter(
-            PercentilePrivacy(percentile=args.privacy_percentile, gamma=args.privacy_gamma), tasks=["train"]
-        )
+    if privacy_filter is not None:
+        recipe.add_client_output_filter(privacy_filter, tasks=list(PRIVACY_TASKS))
     if args.tracking == "tensorboard":
         add_experiment_tracking(recipe, "tensorboard")
     if args.cross_site_eval == "global":

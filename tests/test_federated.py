@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +174,35 @@ def test_run_site_without_nvflare(fed_data, tmp_path):
         fedbn.load_global({k: torch.zeros(1) for k in initial})
 
 
+def test_privacy_filters_measurably_change_a_real_update(fed_data, tmp_path):
+    """Both filters on a real site update (one bundle round): count what each zeroed, clipped or withheld."""
+    import fl_privacy
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey
+    from nvflare.apis.fl_context import FLContext
+
+    result = fl_site.run_site(
+        "site_a", fed_data["site_a"], BUNDLE, 1, tiny_network().state_dict(), work_dir=tmp_path, overrides=TINY
+    )
+    update = {k: v.numpy() for k, v in result.weight_diff.items()}
+    zeros_before, total = fl_privacy.count_elements(update)
+    changed = total - zeros_before
+
+    def filtered(privacy_filter):
+        dxo = DXO(DataKind.WEIGHT_DIFF, data={k: v.copy() for k, v in update.items()})
+        dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, result.num_steps)
+        return privacy_filter.process_dxo(dxo, dxo.to_shareable(), FLContext()).data
+
+    out = filtered(fl_privacy.ChangedPercentilePrivacy())  # defaults: 10 % of the changed elements, gamma 0.01
+    zeros_after, _ = fl_privacy.count_elements(out)
+    assert 0.08 * changed <= zeros_after - zeros_before <= 0.12 * changed
+    assert all(np.all(np.abs(out[k]) <= 0.01 * result.num_steps + 1e-9) for k in out)
+    out = filtered(fl_privacy.CountingSVTPrivacy())  # NVFlare's SVT defaults: about 10 % of the elements, noised
+    zeros_svt, _ = fl_privacy.count_elements(out)
+    assert 0.8 * total <= zeros_svt < total
+    shared = [k for k in out if np.count_nonzero(out[k])]
+    assert any(not np.allclose(out[k][out[k] != 0], update[k][out[k] != 0]) for k in shared)  # noise was added
+
+
 def test_run_site_missing_data_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Site 'site_z': dataset folder does not exist: .*missing_site"):
         fl_site.run_site("site_z", tmp_path / "missing_site", BUNDLE, 1, overrides=TINY)
@@ -209,7 +239,8 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
         assert not (app / "custom" / "models").exists()
         client = (app / "config" / "config_fed_client.json").read_text()
         assert f"--data_root {roots[site]}" in client and "--fedbn" in client
-        assert "PercentilePrivacy" in client
+        assert "fl_privacy.ChangedPercentilePrivacy" in client and "--submit_update" in client
+        assert '"submit_model"' in client and (app / "custom" / "fl_privacy.py").is_file()
 
 
 def test_site_data_rejects_unknown_site_and_spaces():
@@ -250,7 +281,7 @@ def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
     initial = tiny_network().state_dict()
     init_ckpt = fl_site.save_state_dict(initial, tmp_path / "initial.pt")
     ckpt = job.main(
-        "--name sim2 --sites site_a site_b --num_rounds 2".split()
+        "--name sim2 --sites site_a site_b --num_rounds 2 --privacy_percentile 10 --cross_site_eval full".split()
         + ["--data_root", str(fed_data["site_a"].parent), "--initial_ckpt", str(init_ckpt)]
         + ["--workspace", str(tmp_path / "ws"), "--output_ckpt", str(tmp_path / "out" / "model.pt"), *FAST_JOB_ARGS]
     )
@@ -281,6 +312,10 @@ def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
     result = tmp_path / "ws" / "sim2" / "server" / "simulate_job"
     cse = json.loads((result / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(cse) == {"site_a", "site_b"} and all("val_accuracy" in m["SRV_FL_global_model.pt"] for m in cse.values())
+    assert all("val_accuracy" in cse[s][other] for s in cse for other in ("site_a", "site_b"))  # local models too
+    for site in ("site_a", "site_b"):  # the privacy filter ran on both training rounds and on the submitted model
+        site_log = (tmp_path / "ws" / "sim2" / site / "log.txt").read_text()
+        assert site_log.count("PercentilePrivacy: zeroed") == 3, site
     # the global checkpoint carries the settings it was trained with: train.json + model_config.json rebuild it
     settings = tmp_path / "out" / "model_config.json"
     assert json.loads(settings.read_text())["network_def#widen_factor"] == TINY["network_def#widen_factor"]
@@ -303,20 +338,28 @@ def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
 
 @pytest.mark.slow
 def test_simulator_broken_site_job_finishes_with_min_clients(fed_data, tmp_path):
-    missing = tmp_path / "no_such_dataset"
+    """site_c's datalist has a case without a label: the coordinator's log names the site, the case and the reason
+    (not only MONAI's "Failed to instantiate component"), and the other two sites finish the job."""
+    import shutil
+
+    broken = tmp_path / "site_c_broken"
+    shutil.copytree(fed_data["site_c"], broken)
+    datalist = json.loads((broken / "datalist.json").read_text())
+    case = datalist["training"][0]
+    del case["label"]
+    (broken / "datalist.json").write_text(json.dumps(datalist))
+    reason = f"case '{case['case']}' in {broken / 'datalist.json'} 'training' has no 'label'"
     ckpt = job.main(
         ["--name", "broken", "--sites", *SITES, "--min_clients", "2", "--num_rounds", "2"]
-        + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_c={missing}"]
+        + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_c={broken}"]
         + ["--workspace", str(tmp_path / "ws"), *FAST_JOB_ARGS]
     )
     assert ckpt is not None and ckpt.is_file()
     load_bundle_checkpoint(ckpt)
     server_log = (tmp_path / "ws" / "broken" / "server" / "log.txt").read_text()
     assert "Site site_c failed in round 0" in server_log
-    assert f"Site 'site_c': dataset folder does not exist: {missing}" in server_log
+    assert f"Site 'site_c': ValueError: {reason}" in server_log
     assert "Round 1: training on sites ['site_a', 'site_b']" in server_log
-    site_log = (tmp_path / "ws" / "broken" / "site_c" / "log.txt").read_text()
-    assert f"Site 'site_c': dataset folder does not exist: {missing}" in site_log
 
 
 @pytest.mark.slow
