@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config_file", action="append", default=None, help="bundle config(s), repeatable")
     parser.add_argument("--override", action="append", default=[], help="bundle override id=value, repeatable")
     parser.add_argument("--fedbn", action="store_true", help="keep BatchNorm parameters and statistics local")
+    parser.add_argument("--scaffold", action="store_true", help="SCAFFOLD control variates (NVFlare PTScaffoldHelper)")
     parser.add_argument(
         "--submit_update",
         action="store_true",
@@ -77,6 +78,7 @@ def main() -> None:
             config_files=args.config_file or ("configs/train.json",),
             overrides=parse_overrides(args.override),
             fedbn=args.fedbn,
+            scaffold=args.scaffold,
         )
     except Exception as e:  # e.g. the site's data is missing: messages from fl_site name the site and the path
         error = describe_error(site, e)
@@ -114,8 +116,12 @@ def _do_task(
         return flare.FLModel(metrics=trainer.evaluate(weights))
 
     # 5. train: the bundle trainer runs local_epochs more epochs from the global weights (FedProx if asked)
-    mu = (model.meta or {}).get(AlgorithmConstants.FEDPROX_MU)
-    result = trainer.train_round(model.params, fedprox_mu=mu)
+    meta = model.meta or {}
+    result = trainer.train_round(
+        model.params,
+        fedprox_mu=meta.get(AlgorithmConstants.FEDPROX_MU),
+        scaffold_global_controls=meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL),
+    )
     save_state_dict(result.local_state_dict, work_dir / "models" / f"model_{site}.pt")
     for key, value in result.metrics.items():
         writer.add_scalar(key, value, model.current_round)
@@ -125,7 +131,8 @@ def _do_task(
         params=result.weight_diff,
         params_type=flare.ParamsType.DIFF,
         metrics=result.metrics,
-        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: result.num_steps},
+        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: result.num_steps}
+        | ({AlgorithmConstants.SCAFFOLD_CTRL_DIFF: result.scaffold_control_diff} if trainer.scaffold else {}),
     )
 
 

@@ -26,18 +26,61 @@ from typing import Any
 
 import torch
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnable
-from nvflare.app_common.app_constant import DefaultCheckpointFileName
+from nvflare.app_common.app_constant import AlgorithmConstants, DefaultCheckpointFileName
 from nvflare.app_common.utils.fedprox_utils import normalize_fedprox_mu
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
-__all__ = ["SITE_ERROR_KEY", "BundleCheckpointPersistor", "ResilientFedAvg", "LCADBFedAvgRecipe"]
+__all__ = [
+    "SITE_ERROR_KEY",
+    "BundleCheckpointPersistor",
+    "LiveSitesCrossSiteModelEval",
+    "ResilientFedAvg",
+    "LCADBFedAvgRecipe",
+    "failed_sites_of_job",
+    "fedopt_sgd_step",
+]
 
 #: Meta key of a training result that carries a site's error report instead of weights (set by client.py).
 SITE_ERROR_KEY = "lcadb_site_error"
+#: State-dict suffixes of BatchNorm running statistics: averaged by FedOpt, not treated as gradients.
+_STATISTICS_SUFFIXES = ("running_mean", "running_var")
+#: Sites that failed during training, per job id: the training controller and the evaluation controller that
+#: follows it run in the same server job process.
+_FAILED_SITES: dict[str, dict[str, str]] = {}
+
+
+def failed_sites_of_job(job_id: str) -> dict[str, str]:
+    """``{site: reason}`` of the sites :class:`ResilientFedAvg` left out during the job ``job_id``."""
+    return dict(_FAILED_SITES.get(job_id, {}))
+
+
+def fedopt_sgd_step(update: dict[str, Any], velocity: dict[str, Any], lr: float, momentum: float) -> dict[str, Any]:
+    """The server step of FedOpt with SGD: what ``torch.optim.SGD(lr, momentum)`` does to the global weights when the
+    averaged site update is taken as the negative gradient (as NVFlare's ``FedOpt.optimizer_update``).
+
+    Args:
+        update: averaged weight difference per key (arrays or tensors).
+        velocity: momentum buffers per key, updated in place (empty before the first round).
+        lr: server learning rate.
+        momentum: server momentum.
+
+    Returns:
+        The difference to add to the global weights; BatchNorm running statistics pass unchanged.
+    """
+    steps = {}
+    for key, diff in update.items():
+        if key.endswith(_STATISTICS_SUFFIXES):
+            steps[key] = diff
+            continue
+        buffer = velocity.get(key)
+        velocity[key] = diff if buffer is None else momentum * buffer + diff
+        steps[key] = lr * velocity[key]
+    return steps
 
 
 class BundleCheckpointPersistor(PTFileModelPersistor):
@@ -173,7 +216,8 @@ class ResilientFedAvg(FedAvg):
 
     - sends each round's task to all connected sites that have not failed before;
     - ends a round once every site has answered, or ``wait_time_after_min_received`` seconds after the first
-      ``min_clients`` answers (so a hung site cannot block the job);
+      ``min_clients`` answers, or after ``round_timeout`` seconds (so a hung site cannot block the job), and
+      drops every site that did not answer, naming it and the limit;
     - logs a site's error report (``meta[SITE_ERROR_KEY]``, sent by client.py, e.g. missing data, naming the site
       and the path) or its NVFlare error code, drops that site from later rounds, and aggregates the others;
     - stops the job with a clear error when fewer than ``min_clients`` sites delivered a model in a round.
@@ -181,20 +225,52 @@ class ResilientFedAvg(FedAvg):
     Args:
         min_clients: fewest successful site results a round needs. Defaults to 1.
         wait_time_after_min_received: seconds to wait for the remaining sites once ``min_clients`` answered.
-            Defaults to 3600.
+            Defaults to 600.
+        round_timeout: seconds a round may last in all (0: no limit). Defaults to 0.
+        server_lr: FedOpt server learning rate (1 with momentum 0 is FedAvg). Defaults to 1.0.
+        server_momentum: FedOpt server SGD momentum in [0, 1). Defaults to 0.0.
+        scaffold: SCAFFOLD: send global control variates with each task and update them from the sites' control
+            differences (``client.py --scaffold``, NVFlare's ``PTScaffoldHelper`` at the site). Defaults to False.
         args: positional arguments of ``FedAvg``.
         kwargs: keyword arguments of ``FedAvg`` (``num_rounds``, ``persistor_id``, ``fedprox_mu``, ...).
     """
 
-    def __init__(self, *args: Any, min_clients: int = 1, wait_time_after_min_received: int = 3600, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        min_clients: int = 1,
+        wait_time_after_min_received: int = 600,
+        round_timeout: int = 0,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        scaffold: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
+        if server_lr <= 0 or not 0 <= server_momentum < 1:
+            raise ValueError(
+                f"server_lr must be > 0 and server_momentum in [0, 1), got {server_lr}, {server_momentum}."
+            )
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self._velocity: dict[str, Any] = {}
+        self.scaffold = scaffold
+        self._global_controls: dict[str, Any] = {}
+        self._control_sum: dict[str, Any] = {}
+        self._control_count = 0
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}.")
-        if wait_time_after_min_received < 0:
-            raise ValueError(f"wait_time_after_min_received must be >= 0, got {wait_time_after_min_received}.")
+        if wait_time_after_min_received < 0 or round_timeout < 0:
+            raise ValueError(
+                f"wait_time_after_min_received and round_timeout must be >= 0, got {wait_time_after_min_received} "
+                f"and {round_timeout}."
+            )
         self.min_clients = min_clients
         self.wait_time_after_min_received = wait_time_after_min_received
+        self.round_timeout = round_timeout
         self.failed_sites: dict[str, str] = {}
+        self._round_targets: list[str] = []
+        self._round_answered: set[str] = set()
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         connected = [client.name for client in self.engine.get_clients()]
@@ -205,6 +281,8 @@ class ResilientFedAvg(FedAvg):
                 f"{self.failed_sites}), fewer than min_clients={self.min_clients}."
             )
         self.info(f"Round {self.current_round}: training on sites {clients}")
+        self._round_targets, self._round_answered = list(clients), set()
+        self._control_sum, self._control_count = {}, 0
         return clients
 
     def send_model(
@@ -216,12 +294,14 @@ class ResilientFedAvg(FedAvg):
         timeout: int = 0,
         callback=None,
     ) -> None:
+        if self.scaffold and data is not None and self._global_controls:
+            data.meta = {**(data.meta or {}), AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL: self._global_controls}
         self.broadcast_model(
             task_name=task_name,
             data=data,
             targets=targets,
             min_responses=min(self.min_clients, len(targets)) if targets else self.min_clients,
-            timeout=timeout,
+            timeout=timeout or self.round_timeout,
             wait_time_after_min_received=self.wait_time_after_min_received,
             blocking=False,
             callback=callback,
@@ -229,8 +309,14 @@ class ResilientFedAvg(FedAvg):
 
     def _accept_train_result(self, client_name: str, result, fl_ctx: FLContext, is_unknown_task: bool = False) -> bool:
         accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+        if not is_unknown_task:
+            self._round_answered.add(client_name)
         if not accepted and not is_unknown_task:
-            self._mark_failed(client_name, f"NVFlare return code {result.get_return_code()}")
+            self._mark_failed(
+                client_name,
+                f"NVFlare return code {result.get_return_code()} (its training process failed, was killed or lost; "
+                "see the site's log)",
+            )
         return accepted
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
@@ -239,9 +325,28 @@ class ResilientFedAvg(FedAvg):
         if error:
             self._mark_failed(meta.get("client_name", "unknown site"), str(error))
             return False
+        if self.scaffold:
+            controls = meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF)
+            if not controls:
+                self._mark_failed(meta.get("client_name", "unknown site"), "SCAFFOLD job, but no control variates sent")
+                return False
+            accepted = super()._aggregate_one_result(result)
+            if accepted:
+                for key, value in controls.items():
+                    self._control_sum[key] = value + self._control_sum[key] if key in self._control_sum else value
+                self._control_count += 1
+            return accepted
         return super()._aggregate_one_result(result)
 
     def _get_aggregated_result(self) -> FLModel:
+        for site in self._round_targets:
+            if site not in self._round_answered:
+                limit = (
+                    f"round_timeout={self.round_timeout} s"
+                    if self.round_timeout
+                    else f"wait_time_after_min_received={self.wait_time_after_min_received} s after min_clients"
+                )
+                self._mark_failed(site, f"no result within the round ({limit}): hung, disconnected or restarted")
         if self._received_count < self.min_clients:
             raise RuntimeError(
                 f"Round {self.current_round}: only {self._received_count} site(s) delivered a model, fewer than "
@@ -249,13 +354,56 @@ class ResilientFedAvg(FedAvg):
             )
         return super()._get_aggregated_result()
 
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        """FedAvg, or with ``server_lr != 1`` / ``server_momentum > 0`` FedOpt with server SGD (Reddi et al., ICLR
+        2021; NVFlare's ``FedOpt`` default optimiser): the averaged update ``d`` is the negative gradient,
+        ``v = momentum * v + d``, ``w = w + server_lr * v``. BatchNorm statistics are averaged, never accelerated."""
+        if self.scaffold and self._control_count:
+            # SCAFFOLD (Karimireddy et al., ICML 2020), every live site participating: c += mean_i(delta c_i)
+            for key, total in self._control_sum.items():
+                mean = total / self._control_count
+                self._global_controls[key] = self._global_controls[key] + mean if key in self._global_controls else mean
+            self.info(
+                f"Round {self.current_round}: SCAFFOLD global controls updated from {self._control_count} site(s)"
+            )
+        if (self.server_lr != 1.0 or self.server_momentum > 0.0) and aggr_result.params_type == ParamsType.DIFF:
+            aggr_result.params = fedopt_sgd_step(
+                aggr_result.params, self._velocity, self.server_lr, self.server_momentum
+            )
+            self.info(
+                f"Round {self.current_round}: FedOpt server update (SGD lr {self.server_lr}, momentum "
+                f"{self.server_momentum}) of {len(self._velocity)} parameters"
+            )
+        return super().update_model(model, aggr_result)
+
     def _mark_failed(self, site: str, reason: str) -> None:
         if site not in self.failed_sites:
             self.failed_sites[site] = reason
+            _FAILED_SITES.setdefault(self.fl_ctx.get_job_id(), {})[site] = reason
             self.error(
                 f"Site {site} failed in round {self.current_round} and is left out of later rounds: {reason}. "
                 f"The job goes on while at least min_clients={self.min_clients} sites deliver."
             )
+
+
+class LiveSitesCrossSiteModelEval(CrossSiteModelEval):
+    """NVFlare's ``CrossSiteModelEval`` that evaluates only on sites that are connected and did not fail in training.
+
+    A site that crashed, hung or restarted during training (see :class:`ResilientFedAvg`) would otherwise get the
+    evaluation task and hold the job until ``validation_timeout``. Same arguments as ``CrossSiteModelEval``.
+    """
+
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        super().start_controller(fl_ctx)
+        failed = failed_sites_of_job(fl_ctx.get_job_id())
+        if failed:
+            self._participating_clients = [c for c in self._participating_clients if c not in failed]
+            self.log_warning(
+                fl_ctx,
+                f"Evaluating on {self._participating_clients} only; left out (failed during training): {failed}",
+            )
+        if not self._participating_clients:
+            self.system_panic("no live site left for the final evaluation", fl_ctx)
 
 
 class LCADBFedAvgRecipe(FedAvgRecipe):
@@ -264,15 +412,54 @@ class LCADBFedAvgRecipe(FedAvgRecipe):
     Args:
         fedprox_mu: FedProx proximal coefficient sent to the sites with every training task (NVFlare's
             ``fedprox_mu`` metadata, as ``FedProxRecipe`` does); 0 disables FedProx. Defaults to 0.
-        wait_time_after_min_received: see :class:`ResilientFedAvg`. Defaults to 3600.
+        wait_time_after_min_received: see :class:`ResilientFedAvg`. Defaults to 600.
+        round_timeout: see :class:`ResilientFedAvg`. Defaults to 0 (no limit).
+        server_lr: FedOpt server learning rate, see :class:`ResilientFedAvg`. Defaults to 1.0.
+        server_momentum: FedOpt server momentum, see :class:`ResilientFedAvg`. Defaults to 0.0.
+        scaffold: SCAFFOLD, see :class:`ResilientFedAvg`. Defaults to False.
         kwargs: the ``FedAvgRecipe`` arguments (``name``, ``min_clients``, ``num_rounds``, ``train_script``, ...).
     """
 
-    def __init__(self, *, fedprox_mu: float = 0.0, wait_time_after_min_received: int = 3600, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        fedprox_mu: float = 0.0,
+        wait_time_after_min_received: int = 600,
+        round_timeout: int = 0,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        scaffold: bool = False,
+        **kwargs: Any,
+    ) -> None:
         # FedAvgRecipe builds the controller inside its __init__, so these must be set first.
         self.fedprox_mu = normalize_fedprox_mu(fedprox_mu)
         self.wait_time_after_min_received = wait_time_after_min_received
+        self.round_timeout = round_timeout
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.scaffold = scaffold
         super().__init__(**kwargs)
+
+    def add_site_evaluation(self, full: bool, validation_timeout: int = 600, submit_model_timeout: int = 600) -> None:
+        """Evaluate the final global model (and with ``full`` every site's local model) on every live site's
+        validation fold, with :class:`LiveSitesCrossSiteModelEval` (as NVFlare's ``add_final_global_evaluation`` /
+        ``add_cross_site_evaluation`` set it up, but skipping sites that failed during training)."""
+        from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
+        from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
+
+        persistor_id = self._job.comp_ids.get("persistor_id", "")
+        if not persistor_id:
+            raise ValueError("site evaluation needs the job's model persistor; none was registered")
+        locator_id = self._job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="model_locator")
+        self._job.to_server(ValidationJsonGenerator())
+        self._job.to_server(
+            LiveSitesCrossSiteModelEval(
+                model_locator_id=locator_id,
+                submit_model_task_name="submit_model" if full else "",
+                submit_model_timeout=submit_model_timeout,
+                validation_timeout=validation_timeout,
+            )
+        )
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator) -> ResilientFedAvg:
         return ResilientFedAvg(
@@ -292,4 +479,8 @@ class LCADBFedAvgRecipe(FedAvgRecipe):
             fedprox_mu=self.fedprox_mu,
             min_clients=self.min_clients,
             wait_time_after_min_received=self.wait_time_after_min_received,
+            round_timeout=self.round_timeout,
+            server_lr=self.server_lr,
+            server_momentum=self.server_momentum,
+            scaffold=self.scaffold,
         )

@@ -234,6 +234,7 @@ class RoundResult:
     metrics: dict[str, float]
     num_steps: int
     local_state_dict: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    scaffold_control_diff: dict[str, Any] | None = field(repr=False, default=None)
 
 
 class SiteTrainer:
@@ -266,6 +267,7 @@ class SiteTrainer:
         config_files: Sequence[str] = ("configs/train.json",),
         overrides: Mapping[str, Any] | None = None,
         fedbn: bool = False,
+        scaffold: bool = False,
     ) -> None:
         if local_epochs < 1:
             raise ValueError(f"local_epochs must be >= 1, got {local_epochs}.")
@@ -281,6 +283,7 @@ class SiteTrainer:
         self.work_dir = Path(work_dir) if work_dir is not None else Path.cwd() / f"lcadb_{site_name}"
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.fedbn = fedbn
+        self.scaffold = scaffold
 
         # the bundle's configs name `scripts.*` classes; ConfigWorkflow only adds the root to sys.path in run()
         if str(self.bundle_root) not in sys.path:
@@ -315,6 +318,14 @@ class SiteTrainer:
         self.keys = exchanged_keys(self.network, fedbn=fedbn)
         self.fedprox = FedProxHandler()
         self.fedprox.attach(self.trainer)
+        self._scaffold_helper = None
+        self._scaffold_controls: tuple[dict, dict] | None = None
+        if scaffold:
+            from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+            self._scaffold_helper = PTScaffoldHelper()
+            self._scaffold_helper.init(self.network)
+            self.trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, self._scaffold_correct)
         self._losses: list[float] = []
         self.last_global: dict[str, torch.Tensor] | None = None
         self.last_num_steps = 1
@@ -365,14 +376,28 @@ class SiteTrainer:
             if saved is not None:
                 self.network.load_state_dict(saved)
 
+    def _current_lr(self) -> float:
+        return float(self.trainer.optimizer.param_groups[0]["lr"])
+
+    def _scaffold_correct(self, engine: SupervisedTrainer) -> None:
+        """SCAFFOLD: after each optimiser step, move the weights by ``-lr * (c_global - c_local)``
+        (NVFlare's ``PTScaffoldHelper.model_update``)."""
+        if self._scaffold_controls is not None:
+            self._scaffold_helper.model_update(self.network, self._current_lr(), *self._scaffold_controls)
+
     def train_round(
-        self, global_weights: Mapping[str, Any] | None = None, fedprox_mu: float | None = None
+        self,
+        global_weights: Mapping[str, Any] | None = None,
+        fedprox_mu: float | None = None,
+        scaffold_global_controls: Mapping[str, Any] | None = None,
     ) -> RoundResult:
         """Load the global weights, evaluate them, train ``local_epochs`` epochs with the bundle trainer, diff.
 
         Args:
             global_weights: the server's model (``state_dict``-like); None trains from the current weights.
             fedprox_mu: FedProx coefficient for this round; None or 0 trains plain FedAvg.
+            scaffold_global_controls: SCAFFOLD's global control variates from the server (with ``scaffold=True``);
+                None keeps the last ones (zeros at first).
         """
         if global_weights is not None:
             self.load_global(global_weights)
@@ -384,12 +409,24 @@ class SiteTrainer:
         state.max_epochs = state.epoch + self.local_epochs
         first_iteration = state.iteration
         self._losses = []
+        model_global = None
+        if self._scaffold_helper is not None:
+            if scaffold_global_controls:
+                self._scaffold_helper.load_global_controls(scaffold_global_controls)
+            self._scaffold_controls = self._scaffold_helper.get_params()
+            model_global = copy.deepcopy(self.network)
         logger.info(
             f"Site '{self.site_name}': local epochs {state.epoch + 1}..{state.max_epochs}"
             + (f", FedProx mu={fedprox_mu}" if fedprox_mu else "")
             + (", FedBN (BatchNorm kept local)" if self.fedbn else "")
+            + (", SCAFFOLD control variates" if self.scaffold else "")
         )
         self.trainer.run()
+        control_diff = None
+        if self._scaffold_helper is not None:
+            self._scaffold_helper.terms_update(self.network, self._current_lr(), *self._scaffold_controls, model_global)
+            control_diff = self._scaffold_helper.get_delta_controls()
+            self._scaffold_controls = None
         self.fedprox.set_reference(self.network, 0.0)
         num_steps = self.trainer.state.iteration - first_iteration
         self.last_num_steps = num_steps
@@ -399,7 +436,13 @@ class SiteTrainer:
             metrics.update({f"local_{k}": float(v) for k, v in self.evaluator.state.metrics.items() if _is_number(v)})
         local = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
         diff = {k: local[k] - start[k].cpu() for k in self.keys}
-        return RoundResult(weight_diff=diff, metrics=metrics, num_steps=num_steps, local_state_dict=local)
+        return RoundResult(
+            weight_diff=diff,
+            metrics=metrics,
+            num_steps=num_steps,
+            local_state_dict=local,
+            scaffold_control_diff=control_diff,
+        )
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}

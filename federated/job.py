@@ -38,12 +38,7 @@ from fl_privacy import PRIVACY_TASKS, ChangedPercentilePrivacy, CountingSVTPriva
 from fl_server import BundleCheckpointPersistor, LCADBFedAvgRecipe
 from fl_site import parse_overrides
 from nvflare.recipe import ProdEnv, SimEnv
-from nvflare.recipe.utils import (
-    add_cross_site_evaluation,
-    add_experiment_tracking,
-    add_final_global_evaluation,
-    set_per_site_config,
-)
+from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
 __all__ = [
     "FEDERATED_DIR",
@@ -70,6 +65,8 @@ FEDERATED_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE_ROOT = FEDERATED_DIR.parent / "bundle"
 #: NVFlare minor version the job is written for (pinned in pyproject.toml; the job API changed in 2.7).
 NVFLARE_VERSION = "2.9"
+#: Status of a job that ran to its end (NVFlare's RunStatus string).
+COMPLETED = "FINISHED:COMPLETED"
 #: Name of the bundle checkpoint the server writes in its app folder (see BundleCheckpointPersistor).
 GLOBAL_CKPT = Path("app_server") / "models" / "model.pt"
 
@@ -96,8 +93,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_rounds", type=int, default=5)
     p.add_argument("--local_epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--min_clients", type=int, default=None, help="fewest sites a round needs (default: all)")
-    p.add_argument("--wait_after_min", type=int, default=3600, help="seconds to wait for stragglers per round")
+    p.add_argument("--wait_after_min", type=int, default=600, help="seconds to wait for stragglers per round")
+    p.add_argument("--round_timeout", type=int, default=0, help="seconds a round may last in all (0: no limit)")
+    p.add_argument("--eval_timeout", type=int, default=600, help="seconds a site may take for a final evaluation")
     p.add_argument("--fedprox_mu", type=float, default=0.0, help="FedProx proximal coefficient (0: FedAvg)")
+    p.add_argument("--server_momentum", type=float, default=0.0, help="FedOpt: server SGD momentum (e.g. 0.6)")
+    p.add_argument("--server_lr", type=float, default=1.0, help="FedOpt: server SGD learning rate")
+    p.add_argument("--scaffold", action="store_true", help="SCAFFOLD control variates (Karimireddy et al., 2020)")
     p.add_argument("--fedbn", action="store_true", help="keep BatchNorm parameters and statistics at each site")
     p.add_argument(
         "--privacy",
@@ -305,6 +307,12 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
     train_args += [f"--override {_arg(k)}={_arg(v)}" for k, v in overrides.items()]
     if args.fedbn:
         train_args.append("--fedbn")
+    if args.scaffold:
+        if privacy_filter is not None:
+            raise ValueError(
+                "--scaffold sends control variates no privacy filter sees; do not combine it with --privacy."
+            )
+        train_args.append("--scaffold")
     if privacy_filter is not None:
         train_args.append("--submit_update")  # local models for cross-site evaluation go through the filter too
     shared_args = " ".join(train_args)
@@ -335,6 +343,10 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         train_args=shared_args,
         fedprox_mu=args.fedprox_mu,
         wait_time_after_min_received=args.wait_after_min,
+        round_timeout=args.round_timeout,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
+        scaffold=args.scaffold,
         key_metric=args.key_metric or default_key_metric(args.bundle_root, config_files, overrides),
         # a separate training process: a killed or crashed trainer fails that site's task, not the whole job
         launch_external_process=not args.in_process,
@@ -357,10 +369,12 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         recipe.add_client_output_filter(privacy_filter, tasks=list(PRIVACY_TASKS))
     if args.tracking == "tensorboard":
         add_experiment_tracking(recipe, "tensorboard")
-    if args.cross_site_eval == "global":
-        add_final_global_evaluation(recipe)
-    elif args.cross_site_eval == "full":
-        add_cross_site_evaluation(recipe)
+    if args.cross_site_eval != "none":
+        recipe.add_site_evaluation(
+            full=args.cross_site_eval == "full",
+            validation_timeout=args.eval_timeout,
+            submit_model_timeout=args.eval_timeout,
+        )
     return recipe
 
 
@@ -424,7 +438,11 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         run = recipe.execute(env)
         logger.info(f"Job {run.get_job_id()} submitted; waiting for it to finish")
         result = run.get_result()
-    logger.info(f"Job status: {run.get_status()}; results (logs, TensorBoard events, cross-site metrics): {result}")
+    status = run.get_status()  # None in the simulator, which raises instead when the job fails
+    logger.info(f"Job status: {status or 'finished'}; results (logs, TensorBoard events, cross-site metrics): {result}")
+    if status is not None and status != COMPLETED:
+        logger.error(f"Job {run.get_job_id()} did not complete: {status}; see the server and site logs in {result}")
+        return None
     ckpt = find_global_checkpoint(result) if result else None
     if ckpt is None:
         logger.error("No global bundle checkpoint found in the job result.")

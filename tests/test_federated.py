@@ -20,6 +20,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -217,6 +219,7 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
     args = job.resolve_paths(
         job.build_arg_parser().parse_args(
             "--sites site_a site_b --fedprox_mu 0.01 --fedbn --privacy_percentile 10 --min_clients 1".split()
+            + ["--server_momentum", "0.6"]
             + ["--data_root", str(tmp_path / "data"), "--site_data", f"site_b={tmp_path / 'elsewhere'}", *TINY_ARGS]
         )
     )
@@ -230,7 +233,8 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
     assert meta["min_clients"] == 1
     server = (exported / "app_server" / "config" / "config_fed_server.json").read_text()
     assert "fl_server.ResilientFedAvg" in server and "fl_server.BundleCheckpointPersistor" in server
-    assert '"fedprox_mu": 0.01' in server and '"widen_factor": 0.125' in server
+    assert '"fedprox_mu": 0.01' in server and '"widen_factor": 0.125' in server and '"server_momentum": 0.6' in server
+    assert "fl_server.LiveSitesCrossSiteModelEval" in server
     assert (exported / "app_server" / "custom" / "scripts" / "network.py").is_file()
     for site in args.sites:
         app = exported / f"app_{site}"
@@ -241,6 +245,27 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
         assert f"--data_root {roots[site]}" in client and "--fedbn" in client
         assert "fl_privacy.ChangedPercentilePrivacy" in client and "--submit_update" in client
         assert '"submit_model"' in client and (app / "custom" / "fl_privacy.py").is_file()
+
+
+def test_fedopt_server_step_is_torch_sgd_with_momentum():
+    """Two server rounds of FedOpt equal torch.optim.SGD(lr, momentum) fed with the negative averaged updates."""
+    import fl_server
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4))
+    start = weight.detach().clone()
+    optimizer = torch.optim.SGD([weight], lr=0.5, momentum=0.6)
+    updates = [torch.randn(4), torch.randn(4)]
+    velocity, ours = {}, start.clone()
+    for update in updates:
+        optimizer.zero_grad()
+        weight.grad = -update
+        optimizer.step()
+        stats = torch.randn(4)
+        step = fl_server.fedopt_sgd_step({"w": update, "bn.running_mean": stats}, velocity, 0.5, 0.6)
+        assert torch.equal(step["bn.running_mean"], stats)  # statistics are averaged, not accelerated
+        ours = ours + step["w"]
+    assert torch.allclose(ours, weight.detach(), atol=1e-6)
 
 
 def test_site_data_rejects_unknown_site_and_spaces():
@@ -340,8 +365,6 @@ def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
 def test_simulator_broken_site_job_finishes_with_min_clients(fed_data, tmp_path):
     """site_c's datalist has a case without a label: the coordinator's log names the site, the case and the reason
     (not only MONAI's "Failed to instantiate component"), and the other two sites finish the job."""
-    import shutil
-
     broken = tmp_path / "site_c_broken"
     shutil.copytree(fed_data["site_c"], broken)
     datalist = json.loads((broken / "datalist.json").read_text())
@@ -351,6 +374,7 @@ def test_simulator_broken_site_job_finishes_with_min_clients(fed_data, tmp_path)
     reason = f"case '{case['case']}' in {broken / 'datalist.json'} 'training' has no 'label'"
     ckpt = job.main(
         ["--name", "broken", "--sites", *SITES, "--min_clients", "2", "--num_rounds", "2"]
+        + ["--server_momentum", "0.6", "--scaffold"]
         + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_c={broken}"]
         + ["--workspace", str(tmp_path / "ws"), *FAST_JOB_ARGS]
     )
@@ -360,6 +384,8 @@ def test_simulator_broken_site_job_finishes_with_min_clients(fed_data, tmp_path)
     assert "Site site_c failed in round 0" in server_log
     assert f"Site 'site_c': ValueError: {reason}" in server_log
     assert "Round 1: training on sites ['site_a', 'site_b']" in server_log
+    assert "Round 1: FedOpt server update (SGD lr 1.0, momentum 0.6)" in server_log  # FedOpt and SCAFFOLD together
+    assert "Round 1: SCAFFOLD global controls updated from 2 site(s)" in server_log
 
 
 @pytest.mark.slow
@@ -424,11 +450,34 @@ def wait_for_job(admin_kit: Path, job_id: str, timeout: float, download_to: Path
         session.close()
 
 
+def _training_pid(data_root: Path) -> int:
+    """PID of the site training process (client.py, launched by the site's NVFlare job process) of ``data_root``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if any(a.endswith(b"client.py") for a in args) and str(data_root).encode() in args:
+                pids.append(int(proc.name))
+    assert len(pids) == 1, f"training processes of {data_root}: {pids}"
+    return pids[0]
+
+
 @pytest.mark.slow
-def test_poc_nvflare_job_submit_of_exported_job_warm_starts(fed_data, tmp_path):
-    """The production path: export the job, submit it with `nvflare job submit` and the admin's startup kit to a
-    running federation (PoC processes), follow it through the admin API. The exported job names the shipped start
-    checkpoint; with learning rate 0 the global weights after the first round equal that checkpoint exactly."""
+def test_poc_killed_and_hung_sites_leave_the_job_finishing(tmp_path):
+    """The production path in PoC: the exported job, submitted with `nvflare job submit` and the admin's startup kit
+    to running PoC processes (4 sites, min_clients 2) and followed through the admin API.
+
+    Warm start: the exported job ships and names the start checkpoint; at learning rate 0 no site changes a weight,
+    so the global weights equal that checkpoint exactly (a random server start fails). Lost sites: in round 1 site_c's
+    training process is killed (SIGKILL by PID) and site_d's frozen (SIGSTOP: hung). The job completes with site_a
+    and site_b, the server log names each dropped site and why, and the final evaluation runs on the live sites only
+    instead of waiting for the lost ones."""
+    from scripts.synthetic import generate_federated_datasets
+
+    sites = ["site_a", "site_b", "site_c", "site_d"]
+    data = generate_federated_datasets(tmp_path / "data", sites[:3], cases_per_site=7, seed=3, progress=False)
+    data["site_d"] = tmp_path / "data" / "site_d"  # the generator has three site profiles: site_d gets site_a's
+    shutil.copytree(data["site_a"], data["site_d"])
     torch.manual_seed(7)
     start = {
         k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
@@ -437,25 +486,25 @@ def test_poc_nvflare_job_submit_of_exported_job_warm_starts(fed_data, tmp_path):
     start_ckpt = fl_site.save_state_dict(start, tmp_path / "start.pt")
     args = job.resolve_paths(
         job.build_arg_parser().parse_args(
-            "--name submitted --sites site_a site_b --num_rounds 1 --cross_site_eval none --wait_after_min 60".split()
-            + ["--data_root", str(fed_data["site_a"].parent), "--initial_ckpt", str(start_ckpt), *FAST_JOB_ARGS]
-            + ["--override", "learning_rate=0.0"]
+            ["--name", "lossy", "--sites", *sites, "--min_clients", "2", "--num_rounds", "3", "--wait_after_min", "15"]
+            + ["--eval_timeout", "120", "--data_root", str(tmp_path / "data"), "--initial_ckpt", str(start_ckpt)]
+            + [*FAST_JOB_ARGS, "--override", "learning_rate=0.0"]
         )
     )
     with job.in_job_dir():
         recipe = job.build_recipe(
-            args, job.site_data_roots(args.sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / "b")
+            args, job.site_data_roots(sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / "b")
         )
         recipe.export(str(tmp_path / "exported"))
-    exported = tmp_path / "exported" / "submitted"
+    exported = tmp_path / "exported" / "lossy"
     server_config = json.loads((exported / "app_server" / "config" / "config_fed_server.json").read_text())
     persistor = next(c for c in server_config["components"] if c["path"].endswith("BundleCheckpointPersistor"))
     assert persistor["args"]["source_ckpt_file_full_name"] == job.INITIAL_CKPT_NAME
     assert (exported / "app_server" / "custom" / job.INITIAL_CKPT_NAME).is_file()
     assert not list(exported.rglob("*.conf"))  # `nvflare job submit` parses every *.conf as an NVFlare config
-
     nvflare = str(Path(sys.executable).parent / "nvflare")
-    with running_poc(tmp_path, ["site_a", "site_b"], port=8112) as (admin_kit, env):
+    frozen = None
+    with running_poc(tmp_path, sites, port=8132) as (admin_kit, env):
         submitted = subprocess.run(
             [nvflare, "job", "submit", "-j", str(exported), "--startup-kit", str(admin_kit)],
             env=env,
@@ -464,10 +513,35 @@ def test_poc_nvflare_job_submit_of_exported_job_warm_starts(fed_data, tmp_path):
             timeout=180,
         )
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-        job_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", submitted.stdout).group(0)
+        job_id = re.search(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", submitted.stdout).group(0)
+        server_log = tmp_path / "poc" / "lcadb_poc" / "prod_00" / "localhost" / job_id / "log.txt"
+        deadline = time.monotonic() + 300
+        while not (server_log.is_file() and "Round 1: training on sites" in server_log.read_text()):
+            assert time.monotonic() < deadline, "round 1 never started"
+            time.sleep(0.5)
+        os.kill(_training_pid(data["site_c"]), signal.SIGKILL)
+        frozen = _training_pid(data["site_d"])
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            while "Site site_d failed" not in server_log.read_text():
+                assert time.monotonic() < deadline + 120, "the hung site was never dropped"
+                time.sleep(0.5)
+        finally:
+            os.kill(frozen, signal.SIGKILL)  # it was dropped while hung; now let its site's job process end quickly
         status, result = wait_for_job(admin_kit, job_id, 400, tmp_path / "result")
     assert status == "FINISHED:COMPLETED", status
+    log = (
+        next(result.rglob("log.txt")).read_text()
+        if not (result / "log.txt").is_file()
+        else (result / "log.txt").read_text()
+    )
+    assert re.search(r"Site site_c failed in round [12] .*NVFlare return code EXECUTION_EXCEPTION", log)
+    assert re.search(r"Site site_d failed in round 1 .*no result within the round", log)
+    assert "Round 2: training on sites ['site_a', 'site_b']" in log
+    assert "left out (failed during training)" in log
+    assert "Global model starts from initial_model.pt" in log
     ckpt = job.find_global_checkpoint(result)
-    assert ckpt is not None
+    assert ckpt is not None and (ckpt.parent / "model_config.json").is_file()
     assert_parameters_equal(torch.load(ckpt, map_location="cpu", weights_only=True), start)
-    assert (ckpt.parent / "model_config.json").is_file()
+    cse = json.loads(next(result.rglob("cross_val_results.json")).read_text())
+    assert set(cse) == {"site_a", "site_b"}
