@@ -242,8 +242,10 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
             assert (app / "custom" / name).is_file(), name
         assert not (app / "custom" / "models").exists()
         client = (app / "config" / "config_fed_client.json").read_text()
-        assert f"--data_root {roots[site]}" in client and "--fedbn" in client
-        assert "fl_privacy.ChangedPercentilePrivacy" in client and "--submit_update" in client
+        command = json.loads(client)["executors"][0]["executor"]["args"]["command"]  # a separate training process
+        assert command[command.index("--data_root") + 1] == roots[site] and "--fedbn" in command
+        assert "--submit_update" in command and command[0] == sys.executable
+        assert "fl_privacy.ChangedPercentilePrivacy" in client
         assert '"submit_model"' in client and (app / "custom" / "fl_privacy.py").is_file()
 
 
