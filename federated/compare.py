@@ -43,7 +43,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["METHODS", "TINY_OVERRIDES", "pooled_training_dataset", "evaluate_checkpoint", "format_table", "main"]
+__all__ = [
+    "METHODS",
+    "TINY_OVERRIDES",
+    "pooled_training_dataset",
+    "evaluate_checkpoint",
+    "format_table",
+    "summarize",
+    "main",
+]
 
 #: job.py arguments of each federated method compared (FedOpt: NVFlare FedOpt's default server momentum).
 METHODS = {
@@ -142,6 +150,40 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summarize(work_dirs: Sequence[str | os.PathLike]) -> str:
+    """Mean and spread over runs (e.g. seeds): a markdown table of macro-F1 and accuracy from each ``results.json``.
+
+    Raises:
+        FileNotFoundError: when a work folder has no ``results.json``.
+    """
+    runs = []
+    for folder in work_dirs:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no results.json in {folder}: run compare.py there first")
+        runs.append(json.loads(path.read_text()))
+    names = [r["name"] for r in runs[0]["rows"]]
+    lines = [
+        f"| model | macro-F1 mean +- sd (n={len(runs)}) | accuracy mean +- sd | macro-F1 per run |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        rows = [next(r for r in run["rows"] if r["name"] == name) for run in runs]
+        f1 = torch.tensor([100 * r["val_f1"] for r in rows], dtype=torch.float64)
+        acc = torch.tensor([100 * r["val_accuracy"] for r in rows], dtype=torch.float64)
+        per_run = ", ".join(f"{v:.1f}" for v in f1.tolist())
+        lines.append(
+            f"| {rows[0]['model']} | {float(f1.mean()):.1f} +- {_sd(f1):.1f} | {float(acc.mean()):.1f} +- "
+            f"{_sd(acc):.1f} | {per_run} |"
+        )
+    return "\n".join(lines)
+
+
+def _sd(values: torch.Tensor) -> float:
+    """Sample standard deviation (0 for a single run)."""
+    return float(values.std()) if len(values) > 1 else 0.0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work_dir", default="/tmp/lcadb_compare")
@@ -154,6 +196,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_rounds", type=int, default=12)
     p.add_argument("--override", action="append", default=[], help="extra bundle override id=value")
     p.add_argument("--methods", nargs="+", default=["fedavg"], choices=list(METHODS), help="federated methods")
+    p.add_argument("--summarize", nargs="+", default=None, help="only print mean/sd over these work folders")
     p.add_argument("--skip", nargs="*", default=[], choices=["centralized", "sites", *METHODS], help="reuse results")
     return p
 
@@ -161,6 +204,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return []
     sys.path.insert(0, str(FEDERATED_DIR))
     sys.path.insert(0, str(Path(args.bundle_root).resolve()))
     import job
