@@ -60,6 +60,8 @@ METHODS = {
     "fedprox": ("FedProx (mu 0.01) global model", ["--fedprox_mu", "0.01"]),
     "fedbn": ("FedBN site models (mean)", ["--fedbn"]),
     "scaffold": ("SCAFFOLD global model", ["--scaffold"]),
+    "fedavg_percentile": ("FedAvg + PercentilePrivacy (10 % of changes zeroed)", ["--privacy", "percentile"]),
+    "fedavg_svt": ("FedAvg + SVTPrivacy (NVFlare defaults)", ["--privacy", "svt"]),
 }
 
 logger = logging.getLogger("lcadb.federated.compare")
@@ -150,7 +152,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summarize(work_dirs: Sequence[str | os.PathLike]) -> str:
+def summarize(work_dirs: Sequence[str | os.PathLike], results_name: str = "results") -> str:
     """Mean and spread over runs (e.g. seeds): a markdown table of macro-F1 and accuracy from each ``results.json``.
 
     Raises:
@@ -158,9 +160,9 @@ def summarize(work_dirs: Sequence[str | os.PathLike]) -> str:
     """
     runs = []
     for folder in work_dirs:
-        path = Path(folder) / "results.json"
+        path = Path(folder) / f"{results_name}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no results.json in {folder}: run compare.py there first")
+            raise FileNotFoundError(f"no {results_name}.json in {folder}: run compare.py there first")
         runs.append(json.loads(path.read_text()))
     names = [r["name"] for r in runs[0]["rows"]]
     lines = [
@@ -196,6 +198,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_rounds", type=int, default=12)
     p.add_argument("--override", action="append", default=[], help="extra bundle override id=value")
     p.add_argument("--methods", nargs="+", default=["fedavg"], choices=list(METHODS), help="federated methods")
+    p.add_argument("--results_name", default="results", help="file stem of the results written/summarized")
     p.add_argument("--summarize", nargs="+", default=None, help="only print mean/sd over these work folders")
     p.add_argument("--skip", nargs="*", default=[], choices=["centralized", "sites", *METHODS], help="reuse results")
     return p
@@ -205,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     if args.summarize:
-        print(summarize(args.summarize))
+        print(summarize(args.summarize, args.results_name))
         return []
     sys.path.insert(0, str(FEDERATED_DIR))
     sys.path.insert(0, str(Path(args.bundle_root).resolve()))
@@ -302,13 +305,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "settings": vars(args) | {"overrides": overrides, "local_epochs": local_epochs, "torch": torch.__version__},
         "rows": rows,
     }
-    tmp = work / ".results.json.tmp"
+    out = work / args.results_name
+    tmp = work / f".{args.results_name}.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, work / "results.json")
-    tmp = work / ".results.md.tmp"
+    os.replace(tmp, out.with_suffix(".json"))
+    tmp = work / f".{args.results_name}.md.tmp"
     tmp.write_text(table + "\n")
-    os.replace(tmp, work / "results.md")
-    logger.info(f"Macro-F1 etc. on the pooled test set ({work / 'results.json'}):\n{table}")
+    os.replace(tmp, out.with_suffix(".md"))
+    logger.info(f"Macro-F1 etc. on the pooled test set ({out.with_suffix('.json')}):\n{table}")
     logger.info(
         f"Best federated ({best['name']}) - centralized: {summary['best_federated_minus_centralized_points']:+.1f} "
         f"points (within 3: {summary['best_federated_within_3_points_of_centralized']}); above every site alone: "
