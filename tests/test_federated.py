@@ -283,6 +283,10 @@ def test_build_recipe_rejects_bad_settings(tmp_path):
         (["--sites", "site_a", "--min_clients", "2"], "min_clients must be in"),
         (["--local_epochs", "0"], "num_rounds and local_epochs must be >= 1"),
         (["--privacy_percentile", "120"], "privacy_percentile must be in"),
+        (["--privacy", "svt", "--svt_fraction", "0"], "svt_fraction must be in"),
+        (["--scaffold", "--privacy", "svt"], "do not combine it with --privacy"),
+        (["--server_momentum", "1.5"], "server_momentum in"),
+        (["--initial_ckpt_on_server", "relative.pt"], "must be absolute"),
     ]:
         with pytest.raises(ValueError, match=message):
             job.build_recipe(parser.parse_args(argv), {}, tmp_path)
