@@ -295,6 +295,8 @@ class SiteTrainer:
             "ckpt_dir": str(self.work_dir / "models"),
             "log_dir": str(self.work_dir / "logs"),
             "max_epochs": self.local_epochs,
+            # every round starts from the server's weights: never auto-resume an older local checkpoint.pt
+            "resume_from": "none",
         }
         bundle_overrides.update(overrides or {})
         logger.info(f"Site '{site_name}': bundle {self.bundle_root}, data {self.data_root}, outputs {self.work_dir}")
