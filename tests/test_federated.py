@@ -114,6 +114,20 @@ def test_exchanged_keys_fedbn_keeps_batchnorm_local():
     assert set(fedbn) == set(shared) - bn and any("running_mean" in k for k in bn)
 
 
+def test_describe_error_reports_the_innermost_reason():
+    """What the coordinator sees: the site, the innermost error (the case and the reason), and MONAI's wrapper."""
+    try:
+        try:
+            raise ValueError("case 'c_01' in /d/datalist.json 'training' has no 'label' (a class index is required).")
+        except ValueError as e:
+            raise RuntimeError("Failed to instantiate component 'scripts.training.load_datalist'") from e
+    except RuntimeError as wrapped:
+        text = fl_site.describe_error("site_c", wrapped)
+    assert text.startswith("Site 'site_c': ValueError: case 'c_01' in /d/datalist.json 'training' has no 'label'")
+    assert "(while: Failed to instantiate component 'scripts.training.load_datalist')" in text
+    assert fl_site.describe_error("site_c", FileNotFoundError("Site 'site_c': gone")) == "Site 'site_c': gone"
+
+
 def test_parse_overrides():
     assert fl_site.parse_overrides(["a#b=0.5", "roi_size=[32,32,8]", "name=text"]) == {
         "a#b": 0.5,
