@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 import nvflare.client as flare
-from fl_site import SiteTrainer, parse_overrides, save_state_dict
+from fl_site import SiteTrainer, describe_error, parse_overrides, save_state_dict
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.client.tracking import SummaryWriter
@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config_file", action="append", default=None, help="bundle config(s), repeatable")
     parser.add_argument("--override", action="append", default=[], help="bundle override id=value, repeatable")
     parser.add_argument("--fedbn", action="store_true", help="keep BatchNorm parameters and statistics local")
+    parser.add_argument("--scaffold", action="store_true", help="SCAFFOLD control variates (NVFlare PTScaffoldHelper)")
+    parser.add_argument(
+        "--submit_update",
+        action="store_true",
+        help="cross-site evaluation: send the local model as its difference to the last global model (privacy filter)",
+    )
     parser.add_argument("--work_dir", default=None, help="site outputs (default: <app>/lcadb next to custom/)")
     return parser.parse_args(argv)
 
@@ -72,9 +78,10 @@ def main() -> None:
             config_files=args.config_file or ("configs/train.json",),
             overrides=parse_overrides(args.override),
             fedbn=args.fedbn,
+            scaffold=args.scaffold,
         )
     except Exception as e:  # e.g. the site's data is missing: messages from fl_site name the site and the path
-        error = str(e) if str(e).startswith(f"Site '{site}'") else f"Site '{site}': {type(e).__name__}: {e}"
+        error = describe_error(site, e)
         logger.exception(f"LCA-DB site setup failed: {error}")
 
     while flare.is_running():
@@ -82,24 +89,39 @@ def main() -> None:
         model = flare.receive()
         if error is None:
             try:
-                flare.send(_do_task(trainer, model, site, work_dir, writer))
+                flare.send(_do_task(trainer, model, site, work_dir, writer, args.submit_update))
                 continue
             except Exception as e:  # report any site failure to the server instead of killing the site's process
                 logger.exception(f"LCA-DB site '{site}' failed on task '{flare.get_task_name()}'")
-                error = f"Site '{site}': {type(e).__name__}: {e}"
+                error = describe_error(site, e)
         flare.send(flare.FLModel(metrics={}, meta={SITE_ERROR_KEY: error}))
 
 
-def _do_task(trainer: SiteTrainer, model: flare.FLModel, site: str, work_dir: Path, writer) -> flare.FLModel:
+def _do_task(
+    trainer: SiteTrainer, model: flare.FLModel, site: str, work_dir: Path, writer, submit_update: bool
+) -> flare.FLModel:
     # 4. cross-site evaluation: submit the local model, or evaluate a received one on the local fold
     if flare.is_submit_model():
+        if submit_update:  # goes through the site's privacy filter like a training update
+            return flare.FLModel(
+                params=trainer.local_model_as_update(),
+                params_type=flare.ParamsType.DIFF,
+                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: trainer.last_num_steps},
+            )
         return flare.FLModel(params=trainer.local_state_dict(), params_type=flare.ParamsType.FULL)
     if flare.is_evaluate():
-        return flare.FLModel(metrics=trainer.evaluate(model.params))
+        weights = model.params
+        if model.params_type == flare.ParamsType.DIFF:
+            weights = trainer.from_update(weights)
+        return flare.FLModel(metrics=trainer.evaluate(weights))
 
     # 5. train: the bundle trainer runs local_epochs more epochs from the global weights (FedProx if asked)
-    mu = (model.meta or {}).get(AlgorithmConstants.FEDPROX_MU)
-    result = trainer.train_round(model.params, fedprox_mu=mu)
+    meta = model.meta or {}
+    result = trainer.train_round(
+        model.params,
+        fedprox_mu=meta.get(AlgorithmConstants.FEDPROX_MU),
+        scaffold_global_controls=meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL),
+    )
     save_state_dict(result.local_state_dict, work_dir / "models" / f"model_{site}.pt")
     for key, value in result.metrics.items():
         writer.add_scalar(key, value, model.current_round)
@@ -109,7 +131,8 @@ def _do_task(trainer: SiteTrainer, model: flare.FLModel, site: str, work_dir: Pa
         params=result.weight_diff,
         params_type=flare.ParamsType.DIFF,
         metrics=result.metrics,
-        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: result.num_steps},
+        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: result.num_steps}
+        | ({AlgorithmConstants.SCAFFOLD_CTRL_DIFF: result.scaffold_control_diff} if trainer.scaffold else {}),
     )
 
 

@@ -8,14 +8,16 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Reproduce the README table: FedAvg global model vs centralized training vs each site alone (synthetic data).
+"""Reproduce the README table: federated methods vs centralized training vs each site alone (synthetic data).
 
 1. ``scripts.synthetic.generate_federated_datasets``: one dataset per site (own scanner profile and class mix) and a
    pooled held-out test set.
 2. Every model starts from the same initial weights and trains the same total number of epochs with the bundle's own
    training workflow: **centralized** on the union of the sites' training cases, **each site alone** on its own
-   cases (:func:`fl_site.run_site`), and **FedAvg** in NVFlare's simulator (``job.py``: ``num_rounds`` rounds of
-   ``total_epochs / num_rounds`` local epochs).
+   cases (:func:`fl_site.run_site`), and each federated method of ``--methods`` (FedAvg, FedOpt, FedProx, FedBN,
+   SCAFFOLD) in NVFlare's simulator (``job.py``: ``num_rounds`` rounds of ``total_epochs / num_rounds`` local epochs,
+   started from the same initial weights with ``--initial_ckpt``). FedBN's server model lacks the sites' BatchNorm, so
+   its row is the mean over the sites' personalised models.
 3. Each final model is evaluated with the bundle's ``evaluate.json`` on the pooled test set; the table reports
    macro-F1 (and accuracy, Cohen's kappa).
 
@@ -41,7 +43,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_OVERRIDES", "pooled_training_dataset", "evaluate_checkpoint", "format_table", "main"]
+__all__ = [
+    "METHODS",
+    "TINY_OVERRIDES",
+    "pooled_training_dataset",
+    "evaluate_checkpoint",
+    "format_table",
+    "summarize",
+    "main",
+]
+
+#: job.py arguments of each federated method compared (FedOpt: NVFlare FedOpt's default server momentum).
+METHODS = {
+    "fedavg": ("FedAvg global model", []),
+    "fedopt": ("FedOpt (server momentum 0.6) global model", ["--server_momentum", "0.6"]),
+    "fedprox": ("FedProx (mu 0.01) global model", ["--fedprox_mu", "0.01"]),
+    "fedbn": ("FedBN site models (mean)", ["--fedbn"]),
+    "scaffold": ("SCAFFOLD global model", ["--scaffold"]),
+    "fedavg_percentile": ("FedAvg + PercentilePrivacy (10 % of changes zeroed)", ["--privacy", "percentile"]),
+    "fedavg_svt": ("FedAvg + SVTPrivacy (NVFlare defaults)", ["--privacy", "svt"]),
+}
 
 logger = logging.getLogger("lcadb.federated.compare")
 
@@ -131,6 +152,40 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summarize(work_dirs: Sequence[str | os.PathLike], results_name: str = "results") -> str:
+    """Mean and spread over runs (e.g. seeds): a markdown table of macro-F1 and accuracy from each ``results.json``.
+
+    Raises:
+        FileNotFoundError: when a work folder has no ``results.json``.
+    """
+    runs = []
+    for folder in work_dirs:
+        path = Path(folder) / f"{results_name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no {results_name}.json in {folder}: run compare.py there first")
+        runs.append(json.loads(path.read_text()))
+    names = [r["name"] for r in runs[0]["rows"]]
+    lines = [
+        f"| model | macro-F1 mean +- sd (n={len(runs)}) | accuracy mean +- sd | macro-F1 per run |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        rows = [next(r for r in run["rows"] if r["name"] == name) for run in runs]
+        f1 = torch.tensor([100 * r["val_f1"] for r in rows], dtype=torch.float64)
+        acc = torch.tensor([100 * r["val_accuracy"] for r in rows], dtype=torch.float64)
+        per_run = ", ".join(f"{v:.1f}" for v in f1.tolist())
+        lines.append(
+            f"| {rows[0]['model']} | {float(f1.mean()):.1f} +- {_sd(f1):.1f} | {float(acc.mean()):.1f} +- "
+            f"{_sd(acc):.1f} | {per_run} |"
+        )
+    return "\n".join(lines)
+
+
+def _sd(values: torch.Tensor) -> float:
+    """Sample standard deviation (0 for a single run)."""
+    return float(values.std()) if len(values) > 1 else 0.0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work_dir", default="/tmp/lcadb_compare")
@@ -142,13 +197,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--total_epochs", type=int, default=24)
     p.add_argument("--num_rounds", type=int, default=12)
     p.add_argument("--override", action="append", default=[], help="extra bundle override id=value")
-    p.add_argument("--skip", nargs="*", default=[], choices=["centralized", "sites", "fedavg"], help="reuse results")
+    p.add_argument("--methods", nargs="+", default=["fedavg"], choices=list(METHODS), help="federated methods")
+    p.add_argument("--results_name", default="results", help="file stem of the results written/summarized")
+    p.add_argument("--summarize", nargs="+", default=None, help="only print mean/sd over these work folders")
+    p.add_argument("--skip", nargs="*", default=[], choices=["centralized", "sites", *METHODS], help="reuse results")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize, args.results_name))
+        return []
     sys.path.insert(0, str(FEDERATED_DIR))
     sys.path.insert(0, str(Path(args.bundle_root).resolve()))
     import job
@@ -195,53 +256,67 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ckpts = {"centralized": train_alone("centralized", pooled, "centralized")}
     for site in args.sites:
         ckpts[site] = train_alone(site, site_roots[site], "sites")
-    fed_ckpt = work / "models" / "fedavg.pt"
-    if not (fed_ckpt.is_file() and "fedavg" in args.skip):
-        start = time.time()
-        job_args = f"--name lcadb_compare_fedavg --num_rounds {args.num_rounds} --local_epochs {local_epochs}".split()
-        job_args += ["--sites", *args.sites, "--data_root", str(data), "--initial_ckpt", str(init_ckpt)]
-        job_args += ["--workspace", str(work / "nvflare"), "--output_ckpt", str(fed_ckpt)]
-        job_args += ["--bundle_root", str(args.bundle_root), "--cross_site_eval", "global"]
-        for pair in override_args:
-            job_args += ["--override", pair]
-        if job.main(job_args) is None:
-            raise RuntimeError(f"the FedAvg job did not produce a global model; logs under {work / 'nvflare'}")
-        timings["fedavg"] = time.time() - start
-    ckpts["fedavg"] = fed_ckpt
+    for method in args.methods:
+        fed_ckpt = work / "models" / f"{method}.pt"
+        if not (fed_ckpt.is_file() and method in args.skip):
+            start = time.time()
+            job_args = f"--name lcadb_compare_{method} --num_rounds {args.num_rounds} --local_epochs {local_epochs}"
+            job_args = job_args.split() + ["--sites", *args.sites, "--data_root", str(data)]
+            job_args += ["--initial_ckpt", str(init_ckpt), "--workspace", str(work / "nvflare")]
+            job_args += ["--output_ckpt", str(fed_ckpt), "--bundle_root", str(args.bundle_root)]
+            job_args += ["--cross_site_eval", "global", "--tracking", "none", *METHODS[method][1]]
+            for pair in override_args:
+                job_args += ["--override", pair]
+            if job.main(job_args) is None:
+                raise RuntimeError(f"the {method} job did not produce a global model; logs under {work / 'nvflare'}")
+            timings[method] = time.time() - start
+        ckpts[method] = fed_ckpt
 
     # 4. evaluate every final model on the pooled held-out test set with the bundle's evaluate.json
     test_root = data / "pooled_test"
     rows = []
-    described = {
-        "fedavg": ("FedAvg global model", f"{len(args.sites)} sites, {args.num_rounds} rounds x {local_epochs} epochs"),
-        "centralized": ("Centralized", f"pooled training cases, {args.total_epochs} epochs"),
-    }
-    for name in ["fedavg", "centralized", *args.sites]:
-        metrics = evaluate_checkpoint(ckpts[name], test_root, args.bundle_root, work / "eval" / name, overrides)
+    schedule = f"{len(args.sites)} sites, {args.num_rounds} rounds x {local_epochs} epochs"
+    described = {m: (METHODS[m][0], schedule) for m in args.methods}
+    described["centralized"] = ("Centralized", f"pooled training cases, {args.total_epochs} epochs")
+    for name in [*args.methods, "centralized", *args.sites]:
+        if name == "fedbn":  # the sites' personalised models: global weights + each site's own BatchNorm
+            site_models = [
+                next((work / "nvflare" / f"lcadb_compare_{name}" / site).rglob(f"model_{site}.pt"))
+                for site in args.sites
+            ]
+            evals = [
+                evaluate_checkpoint(m, test_root, args.bundle_root, work / "eval" / f"{name}_{m.stem}", overrides)
+                for m in site_models
+            ]
+            metrics = {k: sum(e[k] for e in evals) / len(evals) for k in evals[0]}
+        else:
+            metrics = evaluate_checkpoint(ckpts[name], test_root, args.bundle_root, work / "eval" / name, overrides)
         model, trained_on = described.get(name, (f"{name} alone", f"{name} only, {args.total_epochs} epochs"))
         rows.append({"name": name, "model": model, "trained_on": trained_on, "seconds": timings.get(name), **metrics})
     table = format_table(rows)
     best_site = max(r["val_f1"] for r in rows if r["name"] in args.sites)
-    fed = next(r["val_f1"] for r in rows if r["name"] == "fedavg")
+    best = max((r for r in rows if r["name"] in args.methods), key=lambda r: r["val_f1"])
     central = next(r["val_f1"] for r in rows if r["name"] == "centralized")
     summary = {
-        "fedavg_minus_centralized_points": 100 * (fed - central),
-        "fedavg_within_5_points_of_centralized": fed >= central - 0.05,
-        "fedavg_above_every_site_alone": fed > best_site,
+        "best_federated_method": best["name"],
+        "best_federated_minus_centralized_points": 100 * (best["val_f1"] - central),
+        "best_federated_within_3_points_of_centralized": best["val_f1"] >= central - 0.03,
+        "best_federated_above_every_site_alone": best["val_f1"] > best_site,
         "settings": vars(args) | {"overrides": overrides, "local_epochs": local_epochs, "torch": torch.__version__},
         "rows": rows,
     }
-    tmp = work / ".results.json.tmp"
+    out = work / args.results_name
+    tmp = work / f".{args.results_name}.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, work / "results.json")
-    tmp = work / ".results.md.tmp"
+    os.replace(tmp, out.with_suffix(".json"))
+    tmp = work / f".{args.results_name}.md.tmp"
     tmp.write_text(table + "\n")
-    os.replace(tmp, work / "results.md")
-    logger.info(f"Macro-F1 etc. on the pooled test set ({work / 'results.json'}):\n{table}")
+    os.replace(tmp, out.with_suffix(".md"))
+    logger.info(f"Macro-F1 etc. on the pooled test set ({out.with_suffix('.json')}):\n{table}")
     logger.info(
-        f"FedAvg - centralized: {summary['fedavg_minus_centralized_points']:+.1f} points "
-        f"(within 5: {summary['fedavg_within_5_points_of_centralized']}); "
-        f"FedAvg above every site alone: {summary['fedavg_above_every_site_alone']}"
+        f"Best federated ({best['name']}) - centralized: {summary['best_federated_minus_centralized_points']:+.1f} "
+        f"points (within 3: {summary['best_federated_within_3_points_of_centralized']}); above every site alone: "
+        f"{summary['best_federated_above_every_site_alone']}"
     )
     return rows
 

@@ -47,6 +47,7 @@ __all__ = [
     "SiteTrainer",
     "batchnorm_keys",
     "check_site_data",
+    "describe_error",
     "exchanged_keys",
     "parse_overrides",
     "run_site",
@@ -92,6 +93,28 @@ def check_site_data(site_name: str, data_root: str | os.PathLike | None) -> Path
     if not training:
         raise ValueError(f"Site '{site_name}': the datalist {datalist} has no 'training' cases.")
     return datalist
+
+
+def describe_error(site_name: str, error: BaseException) -> str:
+    """One line for the coordinator: the site, and the innermost error of the chain with its type.
+
+    MONAI wraps a component's error ("Failed to instantiate component 'scripts.training.load_datalist' ...");
+    the reason that names the case (a bad label, a missing file) is the innermost cause, so that one is reported,
+    together with the outermost message when it differs.
+    """
+    chain, seen = [], set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    root, prefix = chain[-1], f"Site '{site_name}'"
+    message = str(root).strip()
+    reason = message if message.startswith(prefix) else f"{prefix}: {type(root).__name__}: {message}"
+    outer = str(chain[0]).strip().splitlines()[0] if str(chain[0]).strip() else type(chain[0]).__name__
+    if len(chain) > 1 and outer not in reason:
+        reason = f"{reason} (while: {outer})"
+    return reason
 
 
 def batchnorm_keys(network: torch.nn.Module) -> set[str]:
@@ -211,6 +234,7 @@ class RoundResult:
     metrics: dict[str, float]
     num_steps: int
     local_state_dict: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    scaffold_control_diff: dict[str, Any] | None = field(repr=False, default=None)
 
 
 class SiteTrainer:
@@ -243,6 +267,7 @@ class SiteTrainer:
         config_files: Sequence[str] = ("configs/train.json",),
         overrides: Mapping[str, Any] | None = None,
         fedbn: bool = False,
+        scaffold: bool = False,
     ) -> None:
         if local_epochs < 1:
             raise ValueError(f"local_epochs must be >= 1, got {local_epochs}.")
@@ -258,6 +283,7 @@ class SiteTrainer:
         self.work_dir = Path(work_dir) if work_dir is not None else Path.cwd() / f"lcadb_{site_name}"
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.fedbn = fedbn
+        self.scaffold = scaffold
 
         # the bundle's configs name `scripts.*` classes; ConfigWorkflow only adds the root to sys.path in run()
         if str(self.bundle_root) not in sys.path:
@@ -269,6 +295,8 @@ class SiteTrainer:
             "ckpt_dir": str(self.work_dir / "models"),
             "log_dir": str(self.work_dir / "logs"),
             "max_epochs": self.local_epochs,
+            # every round starts from the server's weights: never auto-resume an older local checkpoint.pt
+            "resume_from": "none",
         }
         bundle_overrides.update(overrides or {})
         logger.info(f"Site '{site_name}': bundle {self.bundle_root}, data {self.data_root}, outputs {self.work_dir}")
@@ -292,7 +320,17 @@ class SiteTrainer:
         self.keys = exchanged_keys(self.network, fedbn=fedbn)
         self.fedprox = FedProxHandler()
         self.fedprox.attach(self.trainer)
+        self._scaffold_helper = None
+        self._scaffold_controls: tuple[dict, dict] | None = None
+        if scaffold:
+            from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+            self._scaffold_helper = PTScaffoldHelper()
+            self._scaffold_helper.init(self.network)
+            self.trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, self._scaffold_correct)
         self._losses: list[float] = []
+        self.last_global: dict[str, torch.Tensor] | None = None
+        self.last_num_steps = 1
         self.trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._record_loss)
 
     def _record_loss(self, engine: SupervisedTrainer) -> None:
@@ -340,42 +378,102 @@ class SiteTrainer:
             if saved is not None:
                 self.network.load_state_dict(saved)
 
+    def _current_lr(self) -> float:
+        return float(self.trainer.optimizer.param_groups[0]["lr"])
+
+    def _scaffold_correct(self, engine: SupervisedTrainer) -> None:
+        """SCAFFOLD: after each optimiser step, move the weights by ``-lr * (c_global - c_local)``
+        (NVFlare's ``PTScaffoldHelper.model_update``)."""
+        if self._scaffold_controls is not None:
+            self._scaffold_helper.model_update(self.network, self._current_lr(), *self._scaffold_controls)
+
     def train_round(
-        self, global_weights: Mapping[str, Any] | None = None, fedprox_mu: float | None = None
+        self,
+        global_weights: Mapping[str, Any] | None = None,
+        fedprox_mu: float | None = None,
+        scaffold_global_controls: Mapping[str, Any] | None = None,
     ) -> RoundResult:
         """Load the global weights, evaluate them, train ``local_epochs`` epochs with the bundle trainer, diff.
 
         Args:
             global_weights: the server's model (``state_dict``-like); None trains from the current weights.
             fedprox_mu: FedProx coefficient for this round; None or 0 trains plain FedAvg.
+            scaffold_global_controls: SCAFFOLD's global control variates from the server (with ``scaffold=True``);
+                None keeps the last ones (zeros at first).
         """
         if global_weights is not None:
             self.load_global(global_weights)
         start = {k: v.detach().clone() for k, v in self.network.state_dict().items() if k in set(self.keys)}
+        self.last_global = {k: v.cpu() for k, v in start.items()}
         metrics = {f"global_{k}": v for k, v in self.evaluate().items()}
         self.fedprox.set_reference(self.network, fedprox_mu)
         state = self.trainer.state
         state.max_epochs = state.epoch + self.local_epochs
         first_iteration = state.iteration
         self._losses = []
+        model_global = None
+        if self._scaffold_helper is not None:
+            if scaffold_global_controls:
+                self._scaffold_helper.load_global_controls(scaffold_global_controls)
+            self._scaffold_controls = self._scaffold_helper.get_params()
+            model_global = copy.deepcopy(self.network)
         logger.info(
             f"Site '{self.site_name}': local epochs {state.epoch + 1}..{state.max_epochs}"
             + (f", FedProx mu={fedprox_mu}" if fedprox_mu else "")
             + (", FedBN (BatchNorm kept local)" if self.fedbn else "")
+            + (", SCAFFOLD control variates" if self.scaffold else "")
         )
         self.trainer.run()
+        control_diff = None
+        if self._scaffold_helper is not None:
+            self._scaffold_helper.terms_update(self.network, self._current_lr(), *self._scaffold_controls, model_global)
+            control_diff = self._scaffold_helper.get_delta_controls()
+            self._scaffold_controls = None
         self.fedprox.set_reference(self.network, 0.0)
         num_steps = self.trainer.state.iteration - first_iteration
+        self.last_num_steps = num_steps
         if self._losses:
             metrics["train_loss"] = sum(self._losses) / len(self._losses)
         if self.evaluator is not None:
             metrics.update({f"local_{k}": float(v) for k, v in self.evaluator.state.metrics.items() if _is_number(v)})
         local = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
         diff = {k: local[k] - start[k].cpu() for k in self.keys}
-        return RoundResult(weight_diff=diff, metrics=metrics, num_steps=num_steps, local_state_dict=local)
+        return RoundResult(
+            weight_diff=diff,
+            metrics=metrics,
+            num_steps=num_steps,
+            local_state_dict=local,
+            scaffold_control_diff=control_diff,
+        )
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+
+    def local_model_as_update(self) -> dict[str, torch.Tensor]:
+        """The local model as its difference to the last global model this site trained from (exchanged keys).
+
+        With a privacy filter, a site's local model leaves the site only in this form, so the filter sees it as it
+        sees a training update; every site that trained in that round holds the same base (:meth:`from_update`).
+
+        Raises:
+            RuntimeError: before the first training round (no global model to differ from).
+        """
+        if self.last_global is None:
+            raise RuntimeError(f"Site '{self.site_name}': no training round yet, so no global model to differ from.")
+        local = self.network.state_dict()
+        return {k: local[k].detach().cpu() - self.last_global[k] for k in self.keys}
+
+    def from_update(self, update: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Another site's model sent by :meth:`local_model_as_update`: this site's last global model plus ``update``.
+
+        Raises:
+            RuntimeError: before the first training round.
+        """
+        if self.last_global is None:
+            raise RuntimeError(
+                f"Site '{self.site_name}': no training round yet, cannot rebuild a model from an update."
+            )
+        return {k: self.last_global[k] + torch.as_tensor(update[k]).to(self.last_global[k].dtype) for k in update}
 
 
 def _is_number(value: Any) -> bool:

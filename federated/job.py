@@ -34,27 +34,25 @@ from pathlib import Path
 from typing import Any
 
 import nvflare
+from fl_privacy import PRIVACY_TASKS, ChangedPercentilePrivacy, CountingSVTPrivacy
 from fl_server import BundleCheckpointPersistor, LCADBFedAvgRecipe
 from fl_site import parse_overrides
-from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.recipe import ProdEnv, SimEnv
-from nvflare.recipe.utils import (
-    add_cross_site_evaluation,
-    add_experiment_tracking,
-    add_final_global_evaluation,
-    set_per_site_config,
-)
+from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
 __all__ = [
     "FEDERATED_DIR",
     "DEFAULT_BUNDLE_ROOT",
     "build_arg_parser",
     "build_recipe",
+    "build_privacy_filter",
     "bundle_parser",
     "default_key_metric",
     "in_job_dir",
     "find_global_checkpoint",
+    "copy_global_checkpoint",
     "network_model_config",
+    "network_settings",
     "resolve_paths",
     "site_data_roots",
     "stage_bundle",
@@ -67,6 +65,8 @@ FEDERATED_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE_ROOT = FEDERATED_DIR.parent / "bundle"
 #: NVFlare minor version the job is written for (pinned in pyproject.toml; the job API changed in 2.7).
 NVFLARE_VERSION = "2.9"
+#: Status of a job that ran to its end (NVFlare's RunStatus string).
+COMPLETED = "FINISHED:COMPLETED"
 #: Name of the bundle checkpoint the server writes in its app folder (see BundleCheckpointPersistor).
 GLOBAL_CKPT = Path("app_server") / "models" / "model.pt"
 
@@ -80,15 +80,41 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle_root", default=str(DEFAULT_BUNDLE_ROOT), help="the MONAI bundle shipped with the job")
     p.add_argument("--config_file", action="append", default=None, help="bundle config(s) relative to bundle root")
     p.add_argument("--override", action="append", default=[], help="bundle override id=value (repeatable)")
-    p.add_argument("--initial_ckpt", default=None, help="bundle checkpoint (state_dict) to start from (server side)")
+    p.add_argument(
+        "--initial_ckpt",
+        default=None,
+        help="bundle checkpoint (state_dict, e.g. a previous job's global model.pt) to start from; shipped in the job",
+    )
+    p.add_argument(
+        "--initial_ckpt_on_server",
+        default=None,
+        help="absolute path of the start checkpoint on the server machine (production; not shipped)",
+    )
     p.add_argument("--num_rounds", type=int, default=5)
     p.add_argument("--local_epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--min_clients", type=int, default=None, help="fewest sites a round needs (default: all)")
-    p.add_argument("--wait_after_min", type=int, default=3600, help="seconds to wait for stragglers per round")
+    p.add_argument("--wait_after_min", type=int, default=600, help="seconds to wait for stragglers per round")
+    p.add_argument("--round_timeout", type=int, default=0, help="seconds a round may last in all (0: no limit)")
+    p.add_argument("--eval_timeout", type=int, default=600, help="seconds a site may take for a final evaluation")
     p.add_argument("--fedprox_mu", type=float, default=0.0, help="FedProx proximal coefficient (0: FedAvg)")
+    p.add_argument("--server_momentum", type=float, default=0.0, help="FedOpt: server SGD momentum (e.g. 0.6)")
+    p.add_argument("--server_lr", type=float, default=1.0, help="FedOpt: server SGD learning rate")
+    p.add_argument("--scaffold", action="store_true", help="SCAFFOLD control variates (Karimireddy et al., 2020)")
     p.add_argument("--fedbn", action="store_true", help="keep BatchNorm parameters and statistics at each site")
-    p.add_argument("--privacy_percentile", type=float, default=None, help="PercentilePrivacy filter (e.g. 10)")
-    p.add_argument("--privacy_gamma", type=float, default=0.01, help="PercentilePrivacy clipping bound")
+    p.add_argument(
+        "--privacy",
+        choices=["none", "percentile", "svt"],
+        default=None,
+        help="filter on every model result leaving a site: percentile (PercentilePrivacy, not DP) or svt "
+        "(NVFlare's differential-privacy SVTPrivacy); default none, or percentile when --privacy_percentile is given",
+    )
+    p.add_argument("--privacy_percentile", type=float, default=None, help="percent of changed elements zeroed (10)")
+    p.add_argument("--privacy_gamma", type=float, default=0.01, help="PercentilePrivacy per-step clipping bound")
+    p.add_argument("--svt_fraction", type=float, default=0.1, help="SVTPrivacy: fraction of elements shared")
+    p.add_argument("--svt_epsilon", type=float, default=0.1, help="SVTPrivacy: privacy budget of the selection")
+    p.add_argument("--svt_noise_var", type=float, default=0.1, help="SVTPrivacy: release noise control")
+    p.add_argument("--svt_gamma", type=float, default=1e-5, help="SVTPrivacy: clipping bound")
+    p.add_argument("--svt_tau", type=float, default=1e-6, help="SVTPrivacy: threshold offset")
     p.add_argument(
         "--cross_site_eval",
         choices=["global", "full", "none"],
@@ -96,6 +122,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="global: final global model on every site; full: also every site's model on every site",
     )
     p.add_argument("--key_metric", default=None, help="client metric for the best global model (e.g. global_val_f1)")
+    p.add_argument(
+        "--in_process",
+        action="store_true",
+        help="train inside the NVFlare client job process (faster start; a crash then fails the whole job)",
+    )
+    p.add_argument(
+        "--site_python",
+        default=None,
+        help="Python the sites run the training with (default: this interpreter; production: e.g. python3)",
+    )
     p.add_argument("--tracking", choices=["tensorboard", "none"], default="tensorboard")
     p.add_argument("--workspace", default="/tmp/nvflare/lcadb", help="SimEnv workspace root")
     p.add_argument("--threads", type=int, default=None, help="SimEnv: sites trained in parallel (default: all)")
@@ -175,8 +211,15 @@ def default_key_metric(
     return f"global_val_{name}"
 
 
+#: Bundle files never shipped: ``nvflare job submit`` parses every ``*.conf``/``*.json``/``*.yml`` in ``custom/`` as
+#: an NVFlare config and rejects the bundle's INI ``logging.conf`` (sites never apply it: ``logging_file=False``).
+STAGE_IGNORE = ("__pycache__", "*.pyc", "logging.conf", "*.yml", "*.yaml")
+#: Name of the shipped start checkpoint inside the server app's ``custom/`` folder.
+INITIAL_CKPT_NAME = "initial_model.pt"
+
+
 def stage_bundle(bundle_root: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Copy the bundle's ``configs/`` and ``scripts/`` (no checkpoints, no caches) to ``dest`` for the job.
+    """Copy the bundle's ``configs/`` and ``scripts/`` (no checkpoints, caches or ``logging.conf``) to ``dest``.
 
     NVFlare copies ``dest``'s content into every app's ``custom/`` folder, which is on the app's ``sys.path``:
     the server imports ``scripts.network`` from there and each site's ``custom/`` is a complete bundle root.
@@ -185,8 +228,60 @@ def stage_bundle(bundle_root: str | os.PathLike, dest: str | os.PathLike) -> Pat
     for sub in ("configs", "scripts"):
         if not (bundle_root / sub).is_dir():
             raise FileNotFoundError(f"bundle folder missing: {bundle_root / sub}")
-        shutil.copytree(bundle_root / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(bundle_root / sub, dest / sub, ignore=shutil.ignore_patterns(*STAGE_IGNORE))
     return dest
+
+
+def network_settings(
+    bundle_root: str | os.PathLike, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The bundle settings a job trains with on top of ``configs/train.json``: the content of every further
+    (override-style) config file, then the ``--override`` values, as one config the bundle can merge again.
+
+    Written beside the global checkpoint (``model_config.json``), so evaluating or exporting it takes
+    ``--config_file configs/train.json --config_file <that file>`` and nothing remembered.
+    """
+    settings: dict[str, Any] = {}
+    for config in config_files:
+        if Path(config).as_posix() == "configs/train.json":
+            continue
+        content = json.loads((Path(bundle_root) / config).read_text())
+        if not isinstance(content, dict):
+            raise ValueError(f"bundle config {config} must hold a JSON object, got {type(content).__name__}.")
+        settings.update(content)
+    settings.update(overrides or {})
+    return json.loads(json.dumps(settings))
+
+
+def build_privacy_filter(args: argparse.Namespace) -> ChangedPercentilePrivacy | CountingSVTPrivacy | None:
+    """The site output filter chosen with ``--privacy`` (``--privacy_percentile`` alone selects ``percentile``).
+
+    Raises:
+        ValueError: for filter settings out of range.
+    """
+    kind = args.privacy or ("percentile" if args.privacy_percentile is not None else "none")
+    if kind == "percentile":
+        percentile = 10.0 if args.privacy_percentile is None else args.privacy_percentile
+        if not (0 <= percentile <= 100 and args.privacy_gamma > 0):
+            raise ValueError(
+                f"privacy_percentile must be in [0, 100] and privacy_gamma > 0, got {percentile} and "
+                f"{args.privacy_gamma}."
+            )
+        return ChangedPercentilePrivacy(percentile=percentile, gamma=args.privacy_gamma)
+    if kind == "svt":
+        if not (0 < args.svt_fraction <= 1 and args.svt_epsilon > 0 and args.svt_noise_var > 0 and args.svt_gamma > 0):
+            raise ValueError(
+                "svt_fraction must be in (0, 1] and svt_epsilon, svt_noise_var, svt_gamma > 0, got "
+                f"{args.svt_fraction}, {args.svt_epsilon}, {args.svt_noise_var}, {args.svt_gamma}."
+            )
+        return CountingSVTPrivacy(
+            fraction=args.svt_fraction,
+            epsilon=args.svt_epsilon,
+            noise_var=args.svt_noise_var,
+            gamma=args.svt_gamma,
+            tau=args.svt_tau,
+        )
+    return None
 
 
 def _arg(value: Any) -> str:
@@ -205,22 +300,39 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         raise ValueError(f"min_clients must be in [1, {len(args.sites)}] (the number of sites), got {min_clients}.")
     if args.num_rounds < 1 or args.local_epochs < 1:
         raise ValueError(f"num_rounds and local_epochs must be >= 1, got {args.num_rounds} and {args.local_epochs}.")
-    if args.privacy_percentile is not None and not (0 <= args.privacy_percentile <= 100 and args.privacy_gamma > 0):
-        raise ValueError(
-            f"privacy_percentile must be in [0, 100] and privacy_gamma > 0, got {args.privacy_percentile} and "
-            f"{args.privacy_gamma}."
-        )
+    privacy_filter = build_privacy_filter(args)
 
     train_args = [f"--local_epochs {args.local_epochs}"]
     train_args += [f"--config_file {_arg(c)}" for c in config_files]
     train_args += [f"--override {_arg(k)}={_arg(v)}" for k, v in overrides.items()]
     if args.fedbn:
         train_args.append("--fedbn")
+    if args.scaffold:
+        if privacy_filter is not None:
+            raise ValueError(
+                "--scaffold sends control variates no privacy filter sees; do not combine it with --privacy."
+            )
+        train_args.append("--scaffold")
+    if privacy_filter is not None:
+        train_args.append("--submit_update")  # local models for cross-site evaluation go through the filter too
     shared_args = " ".join(train_args)
 
     model = network_model_config(args.bundle_root, config_files, overrides)
+    if args.initial_ckpt and args.initial_ckpt_on_server:
+        raise ValueError("give --initial_ckpt (shipped with the job) or --initial_ckpt_on_server, not both.")
+    start_ckpt = None
+    if args.initial_ckpt:
+        if not Path(args.initial_ckpt).is_file():
+            raise FileNotFoundError(f"--initial_ckpt: checkpoint file not found: {args.initial_ckpt}")
+        start_ckpt = INITIAL_CKPT_NAME
+    elif args.initial_ckpt_on_server:
+        if not os.path.isabs(args.initial_ckpt_on_server):
+            raise ValueError(f"--initial_ckpt_on_server must be absolute, got {args.initial_ckpt_on_server!r}.")
+        start_ckpt = args.initial_ckpt_on_server
     persistor = BundleCheckpointPersistor(
-        model={"path": model["class_path"], "args": model["args"]}, source_ckpt_file_full_name=args.initial_ckpt
+        model={"path": model["class_path"], "args": model["args"]},
+        source_ckpt_file_full_name=start_ckpt,
+        network_config=network_settings(args.bundle_root, config_files, overrides),
     )
     recipe = LCADBFedAvgRecipe(
         name=args.name,
@@ -231,7 +343,14 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         train_args=shared_args,
         fedprox_mu=args.fedprox_mu,
         wait_time_after_min_received=args.wait_after_min,
+        round_timeout=args.round_timeout,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
+        scaffold=args.scaffold,
         key_metric=args.key_metric or default_key_metric(args.bundle_root, config_files, overrides),
+        # a separate training process: a killed or crashed trainer fails that site's task, not the whole job
+        launch_external_process=not args.in_process,
+        command=f"{_arg(args.site_python or sys.executable)} -u",
     )
     # per-site data: only the data path differs between sites
     site_args = {site: shared_args for site in args.sites}
@@ -239,17 +358,23 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
     set_per_site_config(recipe, {site: {"train_args": a} for site, a in site_args.items()})
     recipe.add_server_file(str(staged_bundle))
     recipe.add_client_file(str(staged_bundle))
-    if args.privacy_percentile is not None:
-        # clips and sparsifies each site's weight difference before it leaves the site; NOT differential privacy
-        recipe.add_client_output_filter(
-            PercentilePrivacy(percentile=args.privacy_percentile, gamma=args.privacy_gamma), tasks=["train"]
-        )
+    if start_ckpt == INITIAL_CKPT_NAME:
+        # shipped in the server app's custom/ folder only, and named relative to it: the same job runs in the
+        # simulator, PoC and production; the sites receive the start weights from the server
+        shipped = Path(staged_bundle).parent / "server_only" / INITIAL_CKPT_NAME
+        shipped.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.initial_ckpt, shipped)
+        recipe.add_server_file(str(shipped))
+    if privacy_filter is not None:
+        recipe.add_client_output_filter(privacy_filter, tasks=list(PRIVACY_TASKS))
     if args.tracking == "tensorboard":
         add_experiment_tracking(recipe, "tensorboard")
-    if args.cross_site_eval == "global":
-        add_final_global_evaluation(recipe)
-    elif args.cross_site_eval == "full":
-        add_cross_site_evaluation(recipe)
+    if args.cross_site_eval != "none":
+        recipe.add_site_evaluation(
+            full=args.cross_site_eval == "full",
+            validation_timeout=args.eval_timeout,
+            submit_model_timeout=args.eval_timeout,
+        )
     return recipe
 
 
@@ -285,6 +410,19 @@ def find_global_checkpoint(result_dir: str | os.PathLike) -> Path | None:
     return matches[0] if matches else None
 
 
+def copy_global_checkpoint(ckpt: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a global bundle checkpoint and its ``*_config.json`` network settings to ``dest`` (atomic renames)."""
+    ckpt, dest = Path(ckpt), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [(ckpt, dest), (ckpt.with_name(f"{ckpt.stem}_config.json"), dest.with_name(f"{dest.stem}_config.json"))]
+    for src, dst in pairs:
+        if src.is_file():
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not nvflare.__version__.startswith(NVFLARE_VERSION):
@@ -300,17 +438,18 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         run = recipe.execute(env)
         logger.info(f"Job {run.get_job_id()} submitted; waiting for it to finish")
         result = run.get_result()
-    logger.info(f"Job status: {run.get_status()}; results (logs, TensorBoard events, cross-site metrics): {result}")
+    status = run.get_status()  # None in the simulator, which raises instead when the job fails
+    logger.info(f"Job status: {status or 'finished'}; results (logs, TensorBoard events, cross-site metrics): {result}")
+    if status is not None and status != COMPLETED:
+        logger.error(f"Job {run.get_job_id()} did not complete: {status}; see the server and site logs in {result}")
+        return None
     ckpt = find_global_checkpoint(result) if result else None
     if ckpt is None:
         logger.error("No global bundle checkpoint found in the job result.")
         return None
     if args.output_ckpt:
         Path(args.output_ckpt).parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = Path(args.output_ckpt).with_name(f".{Path(args.output_ckpt).name}.tmp")
-        shutil.copyfile(ckpt, tmp_out)
-        os.replace(tmp_out, args.output_ckpt)
-        ckpt = Path(args.output_ckpt)
+        ckpt = copy_global_checkpoint(ckpt, args.output_ckpt)
     logger.info(f"Global model (bundle checkpoint, network state_dict): {ckpt}")
     return ckpt
 

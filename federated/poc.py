@@ -96,6 +96,7 @@ def run_poc(args: argparse.Namespace) -> Path | None:
         project = write_poc_project(Path(tmp) / "project.yml", args.sites, args.port)
         os.environ["NVFLARE_POC_WORKSPACE"] = str(poc_ws)  # read by PocEnv
         env = PocEnv(project_conf_path=str(project))
+        status, copied = None, False
         try:
             with job.in_job_dir():
                 recipe = job.build_recipe(args, data_roots, job.stage_bundle(args.bundle_root, Path(tmp) / "bundle"))
@@ -104,23 +105,27 @@ def run_poc(args: argparse.Namespace) -> Path | None:
             result = run.get_result(timeout=args.timeout, clean_up=False)
             status = run.get_status()
             logger.info(f"PoC job status: {status}")
-            if result is None or not Path(result).is_dir():
-                logger.error(f"PoC job did not finish (status {status}); logs under {poc_ws}")
+            if result is not None and Path(result).is_dir():
+                if result_copy.exists():
+                    shutil.rmtree(result_copy)
+                shutil.copytree(result, result_copy)
+                copied = True
+            if status != job.COMPLETED or not copied:
+                logger.error(
+                    f"PoC job {run.get_job_id()} did not complete (status {status}); PoC workspace kept with all "
+                    f"logs: {poc_ws}" + (f"; downloaded result: {result_copy}" if copied else "")
+                )
                 return None
-            if result_copy.exists():
-                shutil.rmtree(result_copy)
-            shutil.copytree(result, result_copy)
         finally:
-            env.stop(clean_up=not args.keep_poc)
+            # remove the PoC workspace only when the job completed and its result (the model) was copied out
+            env.stop(clean_up=not args.keep_poc and status == job.COMPLETED and copied)
     logger.info(f"PoC results (logs, cross-site metrics, TensorBoard events): {result_copy}")
     ckpt = job.find_global_checkpoint(result_copy)
     if ckpt is None:
         logger.error("No global bundle checkpoint in the PoC job result.")
         return None
     if args.output_ckpt:
-        Path(args.output_ckpt).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ckpt, args.output_ckpt)
-        ckpt = Path(args.output_ckpt)
+        ckpt = job.copy_global_checkpoint(ckpt, args.output_ckpt)
     logger.info(f"Global model (bundle checkpoint): {ckpt}")
     return ckpt
 

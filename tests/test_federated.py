@@ -16,11 +16,18 @@ The simulator and PoC runs are marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +73,17 @@ def load_bundle_checkpoint(path: Path) -> torch.nn.Module:
     return net
 
 
+def assert_parameters_equal(global_state: dict, reference: dict) -> None:
+    """Every trainable parameter of ``global_state`` equals ``reference`` exactly (buffers such as BatchNorm running
+    statistics move even at learning rate 0, so they are not compared)."""
+    names = [n for n, _ in tiny_network().named_parameters()]
+    assert names and set(names) <= set(global_state)
+    different = [n for n in names if not torch.equal(global_state[n].float(), reference[n].float())]
+    assert not different, (
+        f"{len(different)} of {len(names)} parameters differ from the checkpoint, e.g. {different[:3]}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # site logic, no NVFlare
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,6 +112,20 @@ def test_exchanged_keys_fedbn_keeps_batchnorm_local():
     assert set(shared) == {k for k in state if not k.endswith("num_batches_tracked")}
     fedbn = fl_site.exchanged_keys(net, fedbn=True)
     assert set(fedbn) == set(shared) - bn and any("running_mean" in k for k in bn)
+
+
+def test_describe_error_reports_the_innermost_reason():
+    """What the coordinator sees: the site, the innermost error (the case and the reason), and MONAI's wrapper."""
+    try:
+        try:
+            raise ValueError("case 'c_01' in /d/datalist.json 'training' has no 'label' (a class index is required).")
+        except ValueError as e:
+            raise RuntimeError("Failed to instantiate component 'scripts.training.load_datalist'") from e
+    except RuntimeError as wrapped:
+        text = fl_site.describe_error("site_c", wrapped)
+    assert text.startswith("Site 'site_c': ValueError: case 'c_01' in /d/datalist.json 'training' has no 'label'")
+    assert "(while: Failed to instantiate component 'scripts.training.load_datalist')" in text
+    assert fl_site.describe_error("site_c", FileNotFoundError("Site 'site_c': gone")) == "Site 'site_c': gone"
 
 
 def test_parse_overrides():
@@ -158,6 +190,35 @@ def test_run_site_without_nvflare(fed_data, tmp_path):
         fedbn.load_global({k: torch.zeros(1) for k in initial})
 
 
+def test_privacy_filters_measurably_change_a_real_update(fed_data, tmp_path):
+    """Both filters on a real site update (one bundle round): count what each zeroed, clipped or withheld."""
+    import fl_privacy
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey
+    from nvflare.apis.fl_context import FLContext
+
+    result = fl_site.run_site(
+        "site_a", fed_data["site_a"], BUNDLE, 1, tiny_network().state_dict(), work_dir=tmp_path, overrides=TINY
+    )
+    update = {k: v.numpy() for k, v in result.weight_diff.items()}
+    zeros_before, total = fl_privacy.count_elements(update)
+    changed = total - zeros_before
+
+    def filtered(privacy_filter):
+        dxo = DXO(DataKind.WEIGHT_DIFF, data={k: v.copy() for k, v in update.items()})
+        dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, result.num_steps)
+        return privacy_filter.process_dxo(dxo, dxo.to_shareable(), FLContext()).data
+
+    out = filtered(fl_privacy.ChangedPercentilePrivacy())  # defaults: 10 % of the changed elements, gamma 0.01
+    zeros_after, _ = fl_privacy.count_elements(out)
+    assert 0.08 * changed <= zeros_after - zeros_before <= 0.12 * changed
+    assert all(np.all(np.abs(out[k]) <= 0.01 * result.num_steps + 1e-9) for k in out)
+    out = filtered(fl_privacy.CountingSVTPrivacy())  # NVFlare's SVT defaults: about 10 % of the elements, noised
+    zeros_svt, _ = fl_privacy.count_elements(out)
+    assert 0.8 * total <= zeros_svt < total
+    shared = [k for k in out if np.count_nonzero(out[k])]
+    assert any(not np.allclose(out[k][out[k] != 0], update[k][out[k] != 0]) for k in shared)  # noise was added
+
+
 def test_run_site_missing_data_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Site 'site_z': dataset folder does not exist: .*missing_site"):
         fl_site.run_site("site_z", tmp_path / "missing_site", BUNDLE, 1, overrides=TINY)
@@ -172,6 +233,7 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
     args = job.resolve_paths(
         job.build_arg_parser().parse_args(
             "--sites site_a site_b --fedprox_mu 0.01 --fedbn --privacy_percentile 10 --min_clients 1".split()
+            + ["--server_momentum", "0.6"]
             + ["--data_root", str(tmp_path / "data"), "--site_data", f"site_b={tmp_path / 'elsewhere'}", *TINY_ARGS]
         )
     )
@@ -185,7 +247,8 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
     assert meta["min_clients"] == 1
     server = (exported / "app_server" / "config" / "config_fed_server.json").read_text()
     assert "fl_server.ResilientFedAvg" in server and "fl_server.BundleCheckpointPersistor" in server
-    assert '"fedprox_mu": 0.01' in server and '"widen_factor": 0.125' in server
+    assert '"fedprox_mu": 0.01' in server and '"widen_factor": 0.125' in server and '"server_momentum": 0.6' in server
+    assert "fl_server.LiveSitesCrossSiteModelEval" in server
     assert (exported / "app_server" / "custom" / "scripts" / "network.py").is_file()
     for site in args.sites:
         app = exported / f"app_{site}"
@@ -193,8 +256,32 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
             assert (app / "custom" / name).is_file(), name
         assert not (app / "custom" / "models").exists()
         client = (app / "config" / "config_fed_client.json").read_text()
-        assert f"--data_root {roots[site]}" in client and "--fedbn" in client
-        assert "PercentilePrivacy" in client
+        command = json.loads(client)["executors"][0]["executor"]["args"]["command"]  # a separate training process
+        assert command[command.index("--data_root") + 1] == roots[site] and "--fedbn" in command
+        assert "--submit_update" in command and command[0] == sys.executable
+        assert "fl_privacy.ChangedPercentilePrivacy" in client
+        assert '"submit_model"' in client and (app / "custom" / "fl_privacy.py").is_file()
+
+
+def test_fedopt_server_step_is_torch_sgd_with_momentum():
+    """Two server rounds of FedOpt equal torch.optim.SGD(lr, momentum) fed with the negative averaged updates."""
+    import fl_server
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4))
+    start = weight.detach().clone()
+    optimizer = torch.optim.SGD([weight], lr=0.5, momentum=0.6)
+    updates = [torch.randn(4), torch.randn(4)]
+    velocity, ours = {}, start.clone()
+    for update in updates:
+        optimizer.zero_grad()
+        weight.grad = -update
+        optimizer.step()
+        stats = torch.randn(4)
+        step = fl_server.fedopt_sgd_step({"w": update, "bn.running_mean": stats}, velocity, 0.5, 0.6)
+        assert torch.equal(step["bn.running_mean"], stats)  # statistics are averaged, not accelerated
+        ours = ours + step["w"]
+    assert torch.allclose(ours, weight.detach(), atol=1e-6)
 
 
 def test_site_data_rejects_unknown_site_and_spaces():
@@ -210,6 +297,10 @@ def test_build_recipe_rejects_bad_settings(tmp_path):
         (["--sites", "site_a", "--min_clients", "2"], "min_clients must be in"),
         (["--local_epochs", "0"], "num_rounds and local_epochs must be >= 1"),
         (["--privacy_percentile", "120"], "privacy_percentile must be in"),
+        (["--privacy", "svt", "--svt_fraction", "0"], "svt_fraction must be in"),
+        (["--scaffold", "--privacy", "svt"], "do not combine it with --privacy"),
+        (["--server_momentum", "1.5"], "server_momentum in"),
+        (["--initial_ckpt_on_server", "relative.pt"], "must be absolute"),
     ]:
         with pytest.raises(ValueError, match=message):
             job.build_recipe(parser.parse_args(argv), {}, tmp_path)
@@ -235,7 +326,7 @@ def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
     initial = tiny_network().state_dict()
     init_ckpt = fl_site.save_state_dict(initial, tmp_path / "initial.pt")
     ckpt = job.main(
-        "--name sim2 --sites site_a site_b --num_rounds 2".split()
+        "--name sim2 --sites site_a site_b --num_rounds 2 --privacy_percentile 10 --cross_site_eval full".split()
         + ["--data_root", str(fed_data["site_a"].parent), "--initial_ckpt", str(init_ckpt)]
         + ["--workspace", str(tmp_path / "ws"), "--output_ckpt", str(tmp_path / "out" / "model.pt"), *FAST_JOB_ARGS]
     )
@@ -266,24 +357,55 @@ def test_simulator_two_sites_two_rounds(fed_data, tmp_path):
     result = tmp_path / "ws" / "sim2" / "server" / "simulate_job"
     cse = json.loads((result / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(cse) == {"site_a", "site_b"} and all("val_accuracy" in m["SRV_FL_global_model.pt"] for m in cse.values())
+    assert all("val_accuracy" in cse[s][other] for s in cse for other in ("site_a", "site_b"))  # local models too
+    for site in ("site_a", "site_b"):  # the privacy filter ran on both training rounds and on the submitted model
+        site_log = (tmp_path / "ws" / "sim2" / site / "log.txt").read_text()
+        assert site_log.count("PercentilePrivacy: zeroed") == 3, site
+    # the global checkpoint carries the settings it was trained with: train.json + model_config.json rebuild it
+    settings = tmp_path / "out" / "model_config.json"
+    assert json.loads(settings.read_text())["network_def#widen_factor"] == TINY["network_def#widen_factor"]
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(settings)])
+    parser.get_parsed_content("network_def").load_state_dict(final, strict=True)
+
+    # warm start / continuation: a second job starts from this global model. With learning rate 0 no site changes a
+    # weight, so the global weights after its first round are exactly the checkpoint's (a random server start fails)
+    ckpt2 = job.main(
+        "--name sim_continue --sites site_a site_b --num_rounds 1 --cross_site_eval none".split()
+        + ["--data_root", str(fed_data["site_a"].parent), "--initial_ckpt", str(ckpt)]
+        + ["--workspace", str(tmp_path / "ws"), "--output_ckpt", str(tmp_path / "out2" / "model.pt"), *FAST_JOB_ARGS]
+        + ["--override", "learning_rate=0.0"]
+    )
+    assert_parameters_equal(torch.load(ckpt2, map_location="cpu", weights_only=True), final)
+    server_log = (tmp_path / "ws" / "sim_continue" / "server" / "log.txt").read_text()
+    assert "Global model starts from initial_model.pt" in server_log
 
 
 @pytest.mark.slow
 def test_simulator_broken_site_job_finishes_with_min_clients(fed_data, tmp_path):
-    missing = tmp_path / "no_such_dataset"
+    """site_c's datalist has a case without a label: the coordinator's log names the site, the case and the reason
+    (not only MONAI's "Failed to instantiate component"), and the other two sites finish the job."""
+    broken = tmp_path / "site_c_broken"
+    shutil.copytree(fed_data["site_c"], broken)
+    datalist = json.loads((broken / "datalist.json").read_text())
+    case = datalist["training"][0]
+    del case["label"]
+    (broken / "datalist.json").write_text(json.dumps(datalist))
+    reason = f"case '{case['case']}' in {broken / 'datalist.json'} 'training' has no 'label'"
     ckpt = job.main(
         ["--name", "broken", "--sites", *SITES, "--min_clients", "2", "--num_rounds", "2"]
-        + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_c={missing}"]
+        + ["--server_momentum", "0.6", "--scaffold"]
+        + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_c={broken}"]
         + ["--workspace", str(tmp_path / "ws"), *FAST_JOB_ARGS]
     )
     assert ckpt is not None and ckpt.is_file()
     load_bundle_checkpoint(ckpt)
     server_log = (tmp_path / "ws" / "broken" / "server" / "log.txt").read_text()
     assert "Site site_c failed in round 0" in server_log
-    assert f"Site 'site_c': dataset folder does not exist: {missing}" in server_log
+    assert f"Site 'site_c': ValueError: {reason}" in server_log
     assert "Round 1: training on sites ['site_a', 'site_b']" in server_log
-    site_log = (tmp_path / "ws" / "broken" / "site_c" / "log.txt").read_text()
-    assert f"Site 'site_c': dataset folder does not exist: {missing}" in site_log
+    assert "Round 1: FedOpt server update (SGD lr 1.0, momentum 0.6)" in server_log  # FedOpt and SCAFFOLD together
+    assert "Round 1: SCAFFOLD global controls updated from 2 site(s)" in server_log
 
 
 @pytest.mark.slow
@@ -310,3 +432,136 @@ def test_poc_real_processes_on_localhost(fed_data, tmp_path):
     assert ckpt is not None and ckpt.is_file()
     load_bundle_checkpoint(ckpt)
     assert not (tmp_path / "poc").exists()  # PoC stopped and cleaned up
+
+
+@contextlib.contextmanager
+def running_poc(root: Path, sites, port: int):
+    """A PoC federation started with NVFlare's own CLI (``nvflare poc prepare/start/stop``): a server on
+    127.0.0.1:``port`` and one client process per site. Yields the admin startup kit and the CLI environment."""
+    import poc
+
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    env = {**os.environ, "NVFLARE_POC_WORKSPACE": str(root / "poc")}
+    project = poc.write_poc_project(root / "project.yml", sites, port)
+    subprocess.run([nvflare, "poc", "prepare", "-i", str(project), "--force"], env=env, check=True, timeout=120)
+    try:
+        subprocess.run([nvflare, "poc", "start", "-ex", poc.POC_ADMIN], env=env, check=True, timeout=180)
+        yield root / "poc" / "lcadb_poc" / "prod_00" / poc.POC_ADMIN, env
+    finally:
+        subprocess.run([nvflare, "poc", "stop"], env=env, timeout=180)
+
+
+def wait_for_job(admin_kit: Path, job_id: str, timeout: float, download_to: Path) -> tuple[str, Path]:
+    """Wait for a job through NVFlare's admin API (as the admin console does) and download its result."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    session = new_secure_session("admin@nvidia.com", str(admin_kit))
+    try:
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            status = session.get_job_meta(job_id).get("status", "")
+            if status.startswith("FINISHED"):
+                break
+            time.sleep(2)
+        download_to.mkdir(parents=True, exist_ok=True)
+        return status, Path(session.download_job_result(job_id, str(download_to)))
+    finally:
+        session.close()
+
+
+def _training_pid(data_root: Path) -> int:
+    """PID of the site training process (client.py, launched by the site's NVFlare job process) of ``data_root``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if any(a.endswith(b"client.py") for a in args) and str(data_root).encode() in args:
+                pids.append(int(proc.name))
+    assert len(pids) == 1, f"training processes of {data_root}: {pids}"
+    return pids[0]
+
+
+@pytest.mark.slow
+def test_poc_killed_and_hung_sites_leave_the_job_finishing(tmp_path):
+    """The production path in PoC: the exported job, submitted with `nvflare job submit` and the admin's startup kit
+    to running PoC processes (4 sites, min_clients 2) and followed through the admin API.
+
+    Warm start: the exported job ships and names the start checkpoint; at learning rate 0 no site changes a weight,
+    so the global weights equal that checkpoint exactly (a random server start fails). Lost sites: in round 1 site_c's
+    training process is killed (SIGKILL by PID) and site_d's frozen (SIGSTOP: hung). The job completes with site_a
+    and site_b, the server log names each dropped site and why, and the final evaluation runs on the live sites only
+    instead of waiting for the lost ones."""
+    from scripts.synthetic import generate_federated_datasets
+
+    sites = ["site_a", "site_b", "site_c", "site_d"]
+    data = generate_federated_datasets(tmp_path / "data", sites[:3], cases_per_site=7, seed=3, progress=False)
+    data["site_d"] = tmp_path / "data" / "site_d"  # the generator has three site profiles: site_d gets site_a's
+    shutil.copytree(data["site_a"], data["site_d"])
+    torch.manual_seed(7)
+    start = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in tiny_network().state_dict().items()
+    }
+    start_ckpt = fl_site.save_state_dict(start, tmp_path / "start.pt")
+    args = job.resolve_paths(
+        job.build_arg_parser().parse_args(
+            ["--name", "lossy", "--sites", *sites, "--min_clients", "2", "--num_rounds", "3", "--wait_after_min", "15"]
+            + ["--eval_timeout", "120", "--data_root", str(tmp_path / "data"), "--initial_ckpt", str(start_ckpt)]
+            + [*FAST_JOB_ARGS, "--override", "learning_rate=0.0"]
+        )
+    )
+    with job.in_job_dir():
+        recipe = job.build_recipe(
+            args, job.site_data_roots(sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / "b")
+        )
+        recipe.export(str(tmp_path / "exported"))
+    exported = tmp_path / "exported" / "lossy"
+    server_config = json.loads((exported / "app_server" / "config" / "config_fed_server.json").read_text())
+    persistor = next(c for c in server_config["components"] if c["path"].endswith("BundleCheckpointPersistor"))
+    assert persistor["args"]["source_ckpt_file_full_name"] == job.INITIAL_CKPT_NAME
+    assert (exported / "app_server" / "custom" / job.INITIAL_CKPT_NAME).is_file()
+    assert not list(exported.rglob("*.conf"))  # `nvflare job submit` parses every *.conf as an NVFlare config
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    frozen = None
+    with running_poc(tmp_path, sites, port=8132) as (admin_kit, env):
+        submitted = subprocess.run(
+            [nvflare, "job", "submit", "-j", str(exported), "--startup-kit", str(admin_kit)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        job_id = re.search(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", submitted.stdout).group(0)
+        server_log = tmp_path / "poc" / "lcadb_poc" / "prod_00" / "localhost" / job_id / "log.txt"
+        deadline = time.monotonic() + 300
+        while not (server_log.is_file() and "Round 1: training on sites" in server_log.read_text()):
+            assert time.monotonic() < deadline, "round 1 never started"
+            time.sleep(0.5)
+        os.kill(_training_pid(data["site_c"]), signal.SIGKILL)
+        frozen = _training_pid(data["site_d"])
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            while "Site site_d failed" not in server_log.read_text():
+                assert time.monotonic() < deadline + 120, "the hung site was never dropped"
+                time.sleep(0.5)
+        finally:
+            os.kill(frozen, signal.SIGKILL)  # it was dropped while hung; now let its site's job process end quickly
+        status, result = wait_for_job(admin_kit, job_id, 400, tmp_path / "result")
+    assert status == "FINISHED:COMPLETED", status
+    log = (
+        next(result.rglob("log.txt")).read_text()
+        if not (result / "log.txt").is_file()
+        else (result / "log.txt").read_text()
+    )
+    assert re.search(r"Site site_c failed in round [12] .*NVFlare return code EXECUTION_EXCEPTION", log)
+    assert re.search(r"Site site_d failed in round 1 .*no result within the round", log)
+    assert "Round 2: training on sites ['site_a', 'site_b']" in log
+    assert "left out (failed during training)" in log
+    assert "Global model starts from initial_model.pt" in log
+    ckpt = job.find_global_checkpoint(result)
+    assert ckpt is not None and (ckpt.parent / "model_config.json").is_file()
+    assert_parameters_equal(torch.load(ckpt, map_location="cpu", weights_only=True), start)
+    cse = json.loads(next(result.rglob("cross_val_results.json")).read_text())
+    assert set(cse) == {"site_a", "site_b"}

@@ -130,7 +130,10 @@ def load_datalist(
         keep = (lambda f: f == int(fold)) if subset == "val" else (lambda f: f != int(fold))
         items = [item for item in items if keep(int(item["fold"]))]
     cases = []
-    for item in items:
+    for index, item in enumerate(items):
+        if split == "training" and "label" not in item:
+            case = item.get("case", f"entry {index}")
+            raise ValueError(f"case '{case}' in {datalist_path} '{split}' has no 'label' (a class index is required).")
         paths = check_case(item, root, phases, num_classes=num_classes)
         entry = {k: v for k, v in item.items() if k not in phases and k != "image"}
         entry.update(paths)
@@ -455,6 +458,21 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if self.engine_key is not None:
             self.save_dict[self.engine_key] = engine
         super().attach(engine)
+        if self._final_checkpoint is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self._mark_progress)
+
+    def _mark_progress(self, engine) -> None:
+        self._progressed = True
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        """A failed run never replaces the final checkpoint: the network at the failure (only if this run trained at
+        least one iteration; before that it may be random or half-loaded) goes to ``<final name>_at_failure.pt``."""
+        if getattr(self, "_progressed", False) and self._final_filename is not None:
+            stem, ext = os.path.splitext(self._final_filename)
+            path = Path(self.save_dir) / f"{stem}_at_failure{ext or '.pt'}"
+            AtomicDiskSaver(self.save_dir, path.name)(self._final_checkpoint._setup_checkpoint(), path.name)
+            self.logger.error(f"Training failed ({type(e).__name__}); network at the failure saved to {path}")
+        raise e
 
     def state_dict(self) -> dict:
         """The best-so-far record of the key metric checkpoint (saved with the resumable checkpoint)."""
@@ -473,14 +491,23 @@ class ResumeFromCheckpoint:
     state dict (``models/model.pt``) restores the network only. An empty ``load_path`` does nothing, so the
     handler can stay in the config.
 
+    Re-running an interrupted training resumes by default: with an empty ``load_path`` and an existing
+    ``<auto_resume_dir>/checkpoint.pt`` (the last complete epoch; written atomically), training continues from it
+    instead of starting at epoch 0 and overwriting it. ``load_path="none"`` starts fresh on purpose.
+
     Args:
-        load_path: checkpoint file; None or "" disables the handler.
+        load_path: checkpoint file; "" resumes from ``auto_resume_dir`` if it holds a checkpoint, else does nothing;
+            "none" never resumes.
         load_dict: objects to restore, ``{"model": network, "optimizer": ..., ...}``; ``"model"`` is required.
         map_location: ``torch.load`` map location, e.g. the training device.
         engine_key: key of the attached engine in the checkpoint, defaults to ``"trainer"``.
+        auto_resume_dir: folder of the interval checkpoint (the bundle's ``ckpt_dir``); None disables auto-resume.
+        auto_resume_name: file name of the interval checkpoint, defaults to ``"checkpoint.pt"``.
 
     Raises:
-        ValueError: when ``load_dict`` has no ``"model"``.
+        ValueError: when ``load_dict`` has no ``"model"``; when the checkpoint's network has other shapes than the
+            configured one (e.g. a CPU-preset checkpoint with the full-size config), naming the config to merge.
+        FileNotFoundError: when an explicit ``load_path`` does not exist.
     """
 
     def __init__(
@@ -489,10 +516,23 @@ class ResumeFromCheckpoint:
         load_dict: Mapping[str, Any],
         map_location: Any = None,
         engine_key: str = "trainer",
+        auto_resume_dir: str | os.PathLike | None = None,
+        auto_resume_name: str = "checkpoint.pt",
     ) -> None:
         if "model" not in load_dict:
             raise ValueError(f"load_dict must hold the network under 'model', got keys {sorted(load_dict)}.")
         self.load_path = os.fspath(load_path) if load_path else ""
+        if self.load_path.lower() == "none":
+            self.load_path = ""
+        elif not self.load_path and auto_resume_dir:
+            candidate = Path(os.fspath(auto_resume_dir)) / auto_resume_name
+            if candidate.is_file():
+                logger.warning(
+                    "resuming from %s, the last complete epoch of an earlier run in this ckpt_dir; to start fresh "
+                    "pass --resume_from none (the earlier checkpoints are then overwritten) or another --ckpt_dir",
+                    candidate,
+                )
+                self.load_path = str(candidate)
         self.load_dict = dict(load_dict)
         self.map_location = map_location
         self.engine_key = engine_key
@@ -504,8 +544,29 @@ class ResumeFromCheckpoint:
             raise FileNotFoundError(f"resume_from: checkpoint {self.load_path} does not exist.")
         engine.add_event_handler(Events.STARTED, self)
 
+    def check_network_shapes(self, checkpoint: Any) -> None:
+        """Raise a clear error when the checkpoint's network does not have the configured network's shapes."""
+        state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+        network = self.load_dict["model"]
+        if not isinstance(state, Mapping) or not hasattr(network, "state_dict"):
+            return
+        expected = network.state_dict()
+        wrong = [
+            f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(expected[k].shape)} configured"
+            for k, v in state.items()
+            if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)
+        ]
+        if wrong:
+            raise ValueError(
+                f"resume_from {self.load_path}: the checkpoint was trained with another network configuration "
+                f"({len(wrong)} tensors differ, e.g. {wrong[0]}). Merge the config it was trained with, e.g. for a "
+                "CPU-preset checkpoint --config_file \"['configs/train.json','configs/cpu_light.json']\" "
+                "(or its model_config.json), or pass --resume_from none to start fresh."
+            )
+
     def __call__(self, engine) -> None:
         checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        self.check_network_shapes(checkpoint)
         to_load = dict(self.load_dict)
         to_load[self.engine_key] = engine
         present = {k: v for k, v in to_load.items() if isinstance(checkpoint, Mapping) and k in checkpoint}
