@@ -20,7 +20,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 
-__all__ = ["FittingCheckpointLoader", "fitting_configs"]
+__all__ = ["FittingCheckpointLoader", "fitting_configs", "mismatch_message"]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: Network presets a checkpoint may come from: config files merged on top of ``inference.json``.
@@ -48,6 +48,29 @@ def fitting_configs(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     return fits
 
 
+def mismatch_message(
+    path: str | os.PathLike, network_state: Mapping[str, torch.Tensor], checkpoint_state: Mapping[str, torch.Tensor]
+) -> str | None:
+    """None when ``checkpoint_state`` has the tensor shapes of ``network_state``; else a message naming the file,
+    the first differing tensors and the config of this bundle that fits the checkpoint (if any)."""
+    ours, theirs = _shapes(network_state), _shapes(checkpoint_state)
+    diffs = [f"{k}: checkpoint {theirs.get(k)}, network {ours.get(k)}" for k in ours if ours[k] != theirs.get(k)]
+    if not diffs:
+        return None
+    fits = fitting_configs(checkpoint_state)
+    hint = (
+        f"it fits {' and '.join(fits)}: merge that config file after the others (--config_file \"[..., "
+        f"'configs/<file>']\")"
+        if fits
+        else "no config of this bundle fits it: set roi_size, patch_size and network_def#depth/widen_factor/stem "
+        "to the values it was trained with"
+    )
+    return (
+        f"checkpoint {os.fspath(path)} does not fit the network this config builds "
+        f"({len(diffs)} tensors differ, e.g. {'; '.join(diffs[:3])}); {hint}"
+    )
+
+
 class FittingCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` that, when the network does not fit the checkpoint, says which config does.
 
@@ -68,18 +91,5 @@ class FittingCheckpointLoader(CheckpointLoader):
         checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True)
         keys = list(self.load_dict)
         state = checkpoint[keys[0]] if len(keys) == 1 and keys[0] in checkpoint else checkpoint
-        network = self.load_dict[keys[0]]
-        ours, theirs = _shapes(network.state_dict()), _shapes(state)
-        diffs = [f"{k}: checkpoint {theirs.get(k)}, network {ours.get(k)}" for k in ours if ours[k] != theirs.get(k)]
-        fits = fitting_configs(state)
-        hint = (
-            f"it fits {' and '.join(fits)}: merge that config file after the others (--config_file \"[..., "
-            f"'configs/<file>']\")"
-            if fits
-            else "no config of this bundle fits it: set roi_size, patch_size and network_def#depth/widen_factor/stem "
-            "to the values it was trained with"
-        )
-        return (
-            f"checkpoint {os.fspath(self.load_path)} does not fit the network this config builds "
-            f"({len(diffs)} tensors differ, e.g. {'; '.join(diffs[:3])}); {hint}. ({str(error).splitlines()[0]})"
-        )
+        message = mismatch_message(self.load_path, self.load_dict[keys[0]].state_dict(), state)
+        return f"{message or 'checkpoint ' + os.fspath(self.load_path) + ' does not load'} ({str(error).splitlines()[0]})"

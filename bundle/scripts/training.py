@@ -38,6 +38,7 @@ from monai.inferers import Inferer
 from monai.utils import CommonKeys, look_up_option, optional_import
 from torch import nn
 
+from .checkpoint import mismatch_message
 from .constants import LESION_CLASSES, PHASES
 from .loss import LCADBLoss
 from .transforms import check_case
@@ -550,18 +551,10 @@ class ResumeFromCheckpoint:
         network = self.load_dict["model"]
         if not isinstance(state, Mapping) or not hasattr(network, "state_dict"):
             return
-        expected = network.state_dict()
-        wrong = [
-            f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(expected[k].shape)} configured"
-            for k, v in state.items()
-            if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)
-        ]
-        if wrong:
+        message = mismatch_message(self.load_path, network.state_dict(), state)
+        if message:
             raise ValueError(
-                f"resume_from {self.load_path}: the checkpoint was trained with another network configuration "
-                f"({len(wrong)} tensors differ, e.g. {wrong[0]}). Merge the config it was trained with, e.g. for a "
-                "CPU-preset checkpoint --config_file \"['configs/train.json','configs/cpu_light.json']\" "
-                "(or its model_config.json), or pass --resume_from none to start fresh."
+                f"resume_from: {message} (or its model_config.json), or pass --resume_from none to start fresh."
             )
 
     def __call__(self, engine) -> None:
