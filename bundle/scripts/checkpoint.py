@@ -92,4 +92,5 @@ class FittingCheckpointLoader(CheckpointLoader):
         keys = list(self.load_dict)
         state = checkpoint[keys[0]] if len(keys) == 1 and keys[0] in checkpoint else checkpoint
         message = mismatch_message(self.load_path, self.load_dict[keys[0]].state_dict(), state)
-        return f"{message or 'checkpoint ' + os.fspath(self.load_path) + ' does not load'} ({str(error).splitlines()[0]})"
+        message = message or f"checkpoint {os.fspath(self.load_path)} does not load"
+        return f"{message} ({str(error).splitlines()[0]})"
