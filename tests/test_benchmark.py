@@ -61,3 +61,17 @@ def test_benchmark_smoke_mode(tmp_path):
     assert [r["task"] for r in results] == ["train", "infer", "infer"]
     assert all(r["speedup"] > 0 for r in results)
     assert all(r["same_class"] and r["max_abs_probability_difference"] < 1e-3 for r in results[1:])
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_smoke(tmp_path):
+    """All four data paths of the pipeline benchmark run from the bundle's configs (tiny ROI, 8 samples each)."""
+    result_file = tmp_path / "pipeline.json"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "data_pipeline.py"), "--json", str(result_file)]
+    command += ["--cases_per_class", "1", "--samples", "8", "--batch", "4", "--workers", "1", "--roi", "32", "32", "8"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(result_file.read_text())["results"]
+    assert [r["path"] for r in results] == ["authors", "cached_cpu_aug", "cached_device_aug", "cached_device_aug_host"]
+    assert all(r["samples"] >= 8 and r["samples_per_s"] > 0 and r["cpu_ms_per_sample"] > 0 for r in results)
+    assert results[-1]["device"] == "meta" and results[-1]["workers"] == 0
