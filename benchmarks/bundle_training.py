@@ -25,7 +25,7 @@ excluded) and ``steady_samples_per_s`` (batch size over the median time
 between two iterations from the second epoch on: the throughput once caches, workers and ``torch.compile`` are warm).
 
     python benchmarks/bundle_training.py                                   # main job before/after (CPU)
-    python benchmarks/bundle_training.py --preset paper --in_process --device cuda --cases_per_class 10 --max_epochs 3
+    python benchmarks/bundle_training.py --preset paper --in_process --drop_last --device cuda --cases_per_class 12
     python benchmarks/bundle_training.py --smoke                           # tiny network and dataset, seconds (CI)
 """
 
@@ -51,7 +51,14 @@ __all__ = ["EXECUTIONS", "train_once"]
 EXECUTIONS = {"before": [], "after": [str(CONFIGS / "fast_train.json")]}
 PRESETS = {"cpu_light": [str(CONFIGS / "cpu_light.json")], "paper": []}
 #: --smoke: the light preset shrunk further so that both executions train in seconds.
-SMOKE = {"network_def#widen_factor": 0.0625, "roi_size": [32, 32, 8], "patch_size": 16, "batch_size": 4}
+SMOKE = {
+    "network_def#widen_factor": 0.0625,
+    "roi_size": [32, 32, 8],
+    "patch_size": 16,
+    "batch_size": 4,
+    "num_workers": 1,
+    "num_threads": 1,
+}
 
 
 def train_once(files: list[str], dataset_dir: str, bundle_root: str, override: dict) -> dict:
@@ -141,6 +148,9 @@ def main() -> None:
     parser.add_argument("--max_epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--device", help="override the bundle's device, e.g. cuda:0")
     parser.add_argument("--in_process", action="store_true", help="both executions in this process (GPU)")
+    parser.add_argument(
+        "--drop_last", action="store_true", help="drop the last partial batch (one compiled shape with torch.compile)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny network, 7 cases per class, 2 epochs: seconds")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -154,6 +164,8 @@ def main() -> None:
     override: dict = dict(SMOKE) if args.smoke else {}
     if args.max_epochs or args.smoke:
         override["max_epochs"] = args.max_epochs or 2
+    if args.drop_last:
+        override["train#dataloader#drop_last"] = True
     if args.device:
         override["device"] = f"$torch.device({args.device!r})"
     cases_per_class = 7 if args.smoke and args.cases_per_class is None else args.cases_per_class
