@@ -13,7 +13,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform any -d .whl \
 #     monai==1.6.1 einops==0.8.2 nibabel==5.4.2 pytorch-ignite==0.5.5
-#   bash benchmarks/gpu_check.sh            # device tool: carry [".whl"], timeout_s 540; results in $OUT
+#   bash benchmarks/gpu_check.sh            # device tool: carry [".whl"], timeout_s 600; results in $OUT
 # Expected 4-5 minutes (torch.compile of the training step takes 1-2 of them); the step timeouts bound it to 9.
 # Here (no GPU): `bash benchmarks/gpu_check.sh --smoke` runs the same steps on the CPU with a tiny network and
 # dataset, with .venv's Python (tests/test_benchmark.py runs it). Results land in $OUT (or ./gpu_results).
@@ -31,7 +31,7 @@ if ((smoke)); then
   trainer_args=(--preset paper --smoke --cases_per_class 1 --max_epochs 2)
   pipeline_args=(--cases_per_class 1 --samples 8 --batch 4 --workers 1 --roi 32 32 8)
   infer_args=(--smoke)
-  step_timeout=300
+  step_timeout=300 pipeline_timeout=300
 else
   python=${PYTHON:-python3}
   if compgen -G ".whl/*.whl" >/dev/null; then
@@ -44,19 +44,20 @@ else
   trainer_args=(--preset paper --drop_last --cases_per_class 12 --max_epochs 4)
   pipeline_args=(--cases_per_class 4 --samples 320 --workers 4)
   infer_args=(--compile --repeats 30)
-  step_timeout=240
+  step_timeout=240 pipeline_timeout=60
 fi
 "$python" -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" | tee -a "$out/gpu.txt"
-step() { # name, timeout, command...: one step's log in $out/<name>.log; a failed step does not stop the others
+step() { # name, timeout, command...: logged to $out/log.txt (the device tool returns at most 8 files); a failed
+  # step does not stop the others
   local name=$1 limit=$2; shift 2
-  echo "== $name"
-  timeout "$limit" "$@" 2>&1 | grep -v -i "warning" | tee "$out/$name.log"
+  echo "== $name" | tee -a "$out/log.txt"
+  timeout "$limit" "$@" 2>&1 | grep -v -i "warning" | tee -a "$out/log.txt"
   local rc=${PIPESTATUS[0]}
-  ((rc == 0)) || echo "== $name failed with exit code $rc" | tee -a "$out/$name.log"
+  ((rc == 0)) || echo "== $name failed with exit code $rc" | tee -a "$out/log.txt"
 }
 step trainer "$step_timeout" "$python" benchmarks/bundle_training.py --in_process --device "$device" \
   "${trainer_args[@]}" --json "$out/trainer.json"
-step pipeline 60 "$python" benchmarks/data_pipeline.py --device "$device" \
+step pipeline "$pipeline_timeout" "$python" benchmarks/data_pipeline.py --device "$device" \
   --paths cached_cpu_aug cached_device_aug "${pipeline_args[@]}" --json "$out/pipeline.json"
 step infer "$step_timeout" "$python" benchmarks/benchmark.py --device "${device%%:*}" --task infer --batch_sizes 32 1 \
   "${infer_args[@]}" --json "$out/infer.json"
