@@ -11,7 +11,8 @@
 """The bundle's real trainer (``python -m monai.bundle run training``'s workflow), before and after the fast path.
 
 "before" runs the configs as they are; "after" merges ``bundle/configs/fast_train.json`` (MONAI's fast-training
-recipe) on top. Both run in one invocation, alternately (before, after, before, ...), on the same dataset and fold:
+recipe) on top. Both run in one invocation, in ABBA order (before, after, after, before, ...), on the same dataset
+and fold:
 
 - ``--preset cpu_light`` (default): the main job of ``./run_training.sh`` on a machine without CUDA
   (``train.json`` + ``cpu_light.json``, the embedded default dataset, all epochs). Each run is a fresh Python
@@ -186,7 +187,10 @@ def main() -> None:
         print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs", flush=True)
         results = []
         for repeat in range(args.repeats):
-            for name, extra in EXECUTIONS.items():
+            # ABBA order (before, after, after, before, ...): a load that drifts during the run favours neither
+            order = list(EXECUTIONS) if repeat % 2 == 0 else list(reversed(EXECUTIONS))
+            for name in order:
+                extra = EXECUTIONS[name]
                 files = [str(CONFIGS / "train.json"), *PRESETS[args.preset], *extra]
                 spec = {
                     "files": files,
