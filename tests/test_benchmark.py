@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,37 @@ def test_benchmark_smoke_mode(tmp_path):
     assert [r["task"] for r in results] == ["train", "infer", "infer"]
     assert all(r["speedup"] > 0 for r in results)
     assert all(r["same_class"] and r["max_abs_probability_difference"] < 1e-3 for r in results[1:])
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_smoke(tmp_path):
+    """All four data paths of the pipeline benchmark run from the bundle's configs (tiny ROI, 8 samples each)."""
+    result_file = tmp_path / "pipeline.json"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "data_pipeline.py"), "--json", str(result_file)]
+    command += ["--cases_per_class", "1", "--samples", "8", "--batch", "4", "--workers", "1", "--roi", "32", "32", "8"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(result_file.read_text())["results"]
+    assert [r["path"] for r in results] == ["authors", "cached_cpu_aug", "cached_device_aug", "cached_device_aug_host"]
+    assert all(r["samples"] >= 8 and r["samples_per_s"] > 0 and r["cpu_ms_per_sample"] > 0 for r in results)
+    assert results[-1]["device"] == "meta" and results[-1]["workers"] == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_script_smoke_mode(tmp_path):
+    """The prepared GPU run's steps and summary, on the CPU with a tiny network (the same script, --smoke)."""
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "failed" not in completed.stdout, completed.stdout[-3000:]
+    trainer = json.loads((tmp_path / "trainer.json").read_text())
+    assert [run["execution"] for run in trainer["runs"]] == ["before", "after"]
+    assert all(run["epochs"] == 2 and run["steady_samples_per_s"] > 0 for run in trainer["runs"])
+    pipeline = json.loads((tmp_path / "pipeline.json").read_text())["results"]
+    assert [r["path"] for r in pipeline] == ["cached_cpu_aug", "cached_device_aug"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {row["goal"]: row for row in summary["rows"]}
+    assert rows["trainer_samples_per_s_batch8"]["ours"] > 0 and rows["inference_ms_batch1"]["ours"] > 0
+    assert rows["inference_lesions_per_s_batch32"]["met"] is None  # smoke mode runs batch 2, not 32
+    assert "| goal | target |" in (tmp_path / "summary.md").read_text()
