@@ -57,12 +57,7 @@ class ComposeWithoutMeta(Compose):
     """
 
     def __call__(
-        self,
-        input_: Any,
-        start: int = 0,
-        end: int | None = None,
-        threading: bool = False,
-        lazy: bool | None = None,
+        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
     ) -> Any:
         previous = get_track_meta()
         set_track_meta(False)

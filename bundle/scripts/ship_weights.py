@@ -130,6 +130,7 @@ def ship_weights(max_epochs: int, num_threads: int, work_dir: Path) -> dict:
     evaluator.run()
     evaluator.finalize()
     report = json.loads((work_dir / "eval" / "metrics.json").read_text())
+    radiomics = json.loads((work_dir / "eval" / "baseline" / "metrics.json").read_text())
     dataset_dir = os.fspath(evaluator.dataset_dir)
     test_cases = load_datalist(dataset_dir, "test")
     baseline = _baseline_scores(dataset_dir, test_cases, len(evaluator.parser["class_names"]))
@@ -139,6 +140,7 @@ def ship_weights(max_epochs: int, num_threads: int, work_dir: Path) -> dict:
         "sha256": sha256,
         "scores": {k: float(report[k]) for k in ("accuracy", "f1", "kappa", "auc")},
         "baseline": {k: float(baseline[k]) for k in ("accuracy", "f1", "kappa", "auc")},
+        "radiomics": {k: float(radiomics[k]) for k in ("accuracy", "f1", "kappa", "auc")},
         "num_test_cases": len(test_cases),
         "dataset": Path(dataset_dir).name,
         "max_epochs": max_epochs,
@@ -154,10 +156,11 @@ def _bump_patch(version: str) -> str:
 def _write_outputs(result: dict) -> None:
     meta_path = CONFIGS / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    scores, baseline = result["scores"], result["baseline"]
+    scores, baseline, radiomics = result["scores"], result["baseline"], result["radiomics"]
     meta["eval_metrics"] = {
         **{f"synthetic_test_{k}": round(v, 4) for k, v in scores.items()},
         **{f"synthetic_test_prior_baseline_{k}": round(v, 4) for k, v in baseline.items()},
+        **{f"synthetic_test_radiomics_baseline_{k}": round(v, 4) for k, v in radiomics.items()},
     }
     meta["weights_sha256"] = result["sha256"]
     version = _bump_patch(meta["version"])
@@ -169,7 +172,7 @@ def _write_outputs(result: dict) -> None:
     card_path = BUNDLE / "docs" / "README.md"
     card = card_path.read_text()
     rows = "\n".join(
-        f"| {name} | {scores[key]:.3f} | {baseline[key]:.3f} |"
+        f"| {name} | {scores[key]:.3f} | {radiomics[key]:.3f} | {baseline[key]:.3f} |"
         for key, name in (
             ("accuracy", "accuracy"),
             ("f1", "macro-F1"),
@@ -185,7 +188,8 @@ def _write_outputs(result: dict) -> None:
         f"{'x'.join(map(str, arch['roi_size']))}, patch {arch['patch_size']}; trained {result['max_epochs']} epochs "
         f"on the synthetic default dataset `{result['dataset']}` (fold 0 held out for model selection), scored on its "
         f"{result['num_test_cases']} synthetic test lesions:\n\n"
-        "| metric | shipped weights | class-prior baseline |\n|---|---|---|\n"
+        "| metric | shipped weights | radiomics baseline (`scripts/baseline.py`, same split) | class-prior baseline |\n"
+        "|---|---|---|---|\n"
         f"{rows}\n{CARD_END}"
     )
     if CARD_START not in card or CARD_END not in card:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         result = ship_weights(args.max_epochs, args.num_threads, Path(work))
     _write_outputs(result)
     logger.info("wrote %s (sha256 %s)", BUNDLE / "models" / "model.pt", result["sha256"])
-    print(json.dumps({k: result[k] for k in ("sha256", "scores", "baseline", "num_test_cases")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("sha256", "scores", "radiomics", "baseline", "num_test_cases")}, indent=2))
     return 0
 
 

@@ -287,7 +287,7 @@ def _add_background(
         return None
     cirrhotic = bool(options.cirrhosis_probability) and rng.uniform() < options.cirrhosis_probability[label]
     fatty = rng.uniform() < options.fatty_liver_probability
-    factor = {p: 1.0 for p in PHASES}
+    factor = dict.fromkeys(PHASES, 1.0)
     for phase, f in _CIRRHOSIS_FACTOR.items() if cirrhotic else ():
         factor[phase] *= f
     for phase, f in _FATTY_FACTOR.items() if fatty else ():
