@@ -17,6 +17,7 @@ fixtures are imported into several modules, so they keep their results in this m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -120,7 +121,15 @@ def run_app(argv: list[str], config: Path | None = None, monkeypatch=None) -> in
             monkeypatch.delenv("HOLOSCAN_CONFIG_PATH", raising=False)
         else:
             monkeypatch.setenv("HOLOSCAN_CONFIG_PATH", str(config))
-    return main(["deploy_app", *argv])
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    try:
+        return main(["deploy_app", *argv])
+    finally:
+        # the SDK configures the root logger for each run, with a stream handler on the stderr pytest captured for
+        # this test; left in place it would write to a closed stream in the next test's run
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
 
 
 def run_app_subprocess(args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout: float = 300):

@@ -24,6 +24,7 @@ import pydicom
 import pytest
 from deploy_fixtures import (  # noqa: F401 - fixtures
     APP_DIR,
+    attention_files,
     deploy_model,
     generated_study,
     orthanc,
@@ -287,11 +288,14 @@ def _seg_uid(folder: Path, truth) -> str:
 
 
 def _check_run(truth, seg_uid: str, out: Path, log: str, dciodvfy: str) -> None:
-    """The SR is valid, its evidence is exactly the instances of the 8 phases (and the SEG), and the log names each
-    phase's series and times each stage without the selector's per-attribute chatter."""
+    """The SR and the attention SEG are valid, the SR's evidence is exactly the instances of the 8 phases, the
+    lesion SEG and the attention SEG, and the log names each phase's series and times each stage without the
+    selector's per-attribute chatter."""
     (sr,) = sr_files(out)
-    report = subprocess.run([dciodvfy, str(sr)], capture_output=True, text=True, timeout=120)
-    assert [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")] == []
+    (attention,) = attention_files(out)
+    for written in (sr, attention):
+        report = subprocess.run([dciodvfy, str(written)], capture_output=True, text=True, timeout=120)
+        assert [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")] == []
     ds = pydicom.dcmread(sr)
     evidence = {
         item.ReferencedSOPInstanceUID
@@ -299,7 +303,8 @@ def _check_run(truth, seg_uid: str, out: Path, log: str, dciodvfy: str) -> None:
         for series in study_item.ReferencedSeriesSequence
         for item in series.ReferencedSOPSequence
     }
-    assert evidence == {uid for uids in truth.phase_instance_uids.values() for uid in uids} | {seg_uid}
+    attention_uid = str(pydicom.dcmread(attention, stop_before_pixels=True).SOPInstanceUID)
+    assert evidence == {uid for uids in truth.phase_instance_uids.values() for uid in uids} | {seg_uid, attention_uid}
     for phase in PHASES:
         assert f"Phase {phase:<9} <- series" in log and truth.series[phase] in log
     for stage in ("study_loader", "phase_selector", "phase_volume", "lesion_roi", "inference", "sr_writer"):
