@@ -74,7 +74,8 @@ def test_data_pipeline_benchmark_smoke(tmp_path):
     assert completed.returncode == 0, completed.stderr
     results = json.loads(result_file.read_text())["results"]
     assert [r["path"] for r in results] == ["authors", "cached_cpu_aug", "cached_device_aug", "cached_device_aug_host"]
-    assert all(r["samples"] >= 8 and r["samples_per_s"] > 0 and r["cpu_ms_per_sample"] > 0 for r in results)
+    # CPU time comes in clock ticks (10 ms): 8 tiny samples may round to 0 ms per sample
+    assert all(r["samples"] >= 8 and r["samples_per_s"] > 0 and r["cpu_ms_per_sample"] >= 0 for r in results)
     assert results[-1]["device"] == "meta" and results[-1]["workers"] == 0
 
 
