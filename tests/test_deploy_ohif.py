@@ -99,13 +99,22 @@ def test_sr_in_ohif(orthanc, deploy_model, tmp_path, monkeypatch):  # noqa: F811
             assert any(text.startswith("Peak network attention") for text in svg_text)
             # "track measurements": accept the prompt; OHIF hydrates the SR into tracked RectangleROI measurements
             page.get_by_role("button", name="Yes").click()
-            page.wait_for_timeout(5000)
+            # tracked: every region drawn with OHIF's statistics, and the C+A images loaded (a fixed wait raced both)
+            page.wait_for_function(
+                "n => [...document.querySelectorAll('svg text tspan')]"
+                ".filter(e => (e.textContent || '').startsWith('Area:')).length >= n",
+                arg=len(_tracked_ids(sr)),
+                timeout=60_000,
+            )
+            page.wait_for_load_state("networkidle")
             page.screenshot(path=str(shots / "ohif-tracked.png"))
             tracked_text = page.locator("svg text tspan").evaluate_all("els => els.map(e => e.textContent || '')")
             overlay = page.locator('[data-cy="viewport-overlay-top-left"]').inner_text()
+            seen = list(console)  # before closing: closing the browser cancels image requests, which OHIF logs
         finally:
             (shots / "console.txt").write_text("\n".join(f"{t}: {m}" for t, m in console))
             browser.close()
+    console = seen
     errors = [(kind, text) for kind, text in console if kind in ("error", "pageerror", "warning")]
     assert errors == [], errors
     assert not any("Unable to generate tool state" in text or "went wrong" in text for _, text in console)
