@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
@@ -25,6 +26,14 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Bundle workflows set torch's thread count (``num_threads``); each test starts with the session's."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -55,13 +55,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """3 cases per class: 14 training cases in 5 folds and 7 test cases."""

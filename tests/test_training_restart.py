@@ -23,23 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from test_bundle_workflows import TINY
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
-TINY = {
-    "network_def#widen_factor": 0.125,
-    "roi_size": [32, 32, 8],
-    "patch_size": 16,
-    "batch_size": 4,
-    "num_workers": 0,
-    "num_threads": 1,
-}
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

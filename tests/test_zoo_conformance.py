@@ -34,21 +34,13 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+from test_bundle_workflows import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = REPO_ROOT / "bundle"
 CONFIGS = BUNDLE / "configs"
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
-#: A tiny network and data pipeline for the zoo-style workflow test (as tests/test_bundle_workflows.py).
-TINY = {
-    "network_def#widen_factor": 0.125,
-    "roi_size": [32, 32, 8],
-    "patch_size": 16,
-    "batch_size": 4,
-    "num_workers": 0,
-    "num_threads": 1,
-}
 
 
 def _python(code: str, cwd: Path, env_extra: dict | None = None) -> dict:
