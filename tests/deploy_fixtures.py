@@ -176,6 +176,14 @@ class OrthancServer:
     def dicomweb(self) -> str:
         return f"{self.url}/dicom-web"
 
+    def store_folder(self, folder: Path) -> None:
+        """C-STORE every ``*.dcm`` under ``folder`` with dcmtk's ``storescu``."""
+        # -R: propose only the SOP classes present (the SEG is not in storescu's default list)
+        command = [require_tool("storescu"), "-R", "-aec", self.aet, "+sd", "+r", "+sp", "*.dcm"]
+        command += ["127.0.0.1", str(self.dicom_port), str(folder)]
+        store = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert store.returncode == 0, store.stdout + store.stderr
+
     def get(self, path: str):
         import requests
 

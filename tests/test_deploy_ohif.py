@@ -20,7 +20,6 @@ the browser console holds no error or warning from any of it. Screenshots go to 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -55,10 +54,7 @@ def test_sr_in_ohif(orthanc, deploy_model, tmp_path, monkeypatch):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
     folder, truth = generated_study(tmp_path, "ohif", seed=51, naming_style="siemens", num_lesions=1)
-    storescu = require_tool("storescu")
-    command = [storescu, "-R", "-aec", orthanc.aet, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(orthanc.dicom_port)]
-    store = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=300)
-    assert store.returncode == 0, store.stdout + store.stderr
+    orthanc.store_folder(folder)
     config = yaml.safe_load((REPO_ROOT / "deploy_app" / "app.yaml").read_text())
     config["pacs"] = {"stowrs": {"enabled": True, "url": orthanc.dicomweb}}
     (tmp_path / "app.yaml").write_text(yaml.safe_dump(config))

@@ -16,7 +16,6 @@ down is retried, reported, and does not stop the others."""
 from __future__ import annotations
 
 import io
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -27,7 +26,6 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
     deploy_model,
     generated_study,
     orthanc,
-    require_tool,
     run_app,
     sr_files,
 )
@@ -51,11 +49,7 @@ def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_p
     from deploy_app.lesion_codes import DIAGNOSIS, class_for_code
 
     folder, truth = generated_study(tmp_path, "pacs-study", seed=21, naming_style="lldmmri", num_lesions=2)
-    storescu = require_tool("storescu")
-    # -R: propose only the SOP classes present (the SEG is not in storescu's default list)
-    command = [storescu, "-R", "-aec", orthanc.aet, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(orthanc.dicom_port)]
-    store = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=300)
-    assert store.returncode == 0, store.stdout + store.stderr
+    orthanc.store_folder(folder)
     studies = requests.post(
         f"{orthanc.url}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": truth.study_instance_uid}},
         timeout=30,

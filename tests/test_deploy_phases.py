@@ -28,7 +28,6 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
     deploy_model,
     generated_study,
     orthanc,
-    require_tool,
     run_app,
     sr_files,
 )
@@ -329,11 +328,7 @@ def test_study_through_orthanc(orthanc, root, deploy_model, dciodvfy, tmp_path, 
     """A GE-style single-series study with distractors, stored in a real Orthanc (storescu) and read back over its
     REST API, as a PACS gives it: the app picks the same 8 image sets."""
     folder, truth = vendor_study(root, "ge", "single-series")
-    command = [require_tool("storescu"), "-R", "-aec", orthanc.aet, "+sd", "+r", "+sp", "*.dcm"]
-    store = subprocess.run(
-        [*command, "127.0.0.1", str(orthanc.dicom_port), str(folder)], capture_output=True, text=True, timeout=300
-    )
-    assert store.returncode == 0, store.stdout + store.stderr
+    orthanc.store_folder(folder)
     import requests
 
     (study_id,) = requests.post(
