@@ -83,6 +83,9 @@ def test_sr_in_ohif(orthanc, deploy_model, tmp_path, monkeypatch):  # noqa: F811
             page.add_style_tag(
                 content=".shepherd-modal-overlay-container, .shepherd-element {display: none !important}"
             )
+            # let the layout's first series finish loading: replacing it mid-load makes OHIF log IMAGE_LOAD_ERROR
+            page.locator('[data-cy="viewport-overlay-top-left"]').first.wait_for(timeout=60_000)
+            page.wait_for_load_state("networkidle")
             page.locator(f'[data-cy="study-browser-thumbnail-no-image"][data-series="{sr.SeriesNumber}"]').dblclick()
             # the SR viewport draws each lesion on its C+A image, labelled with the predicted class first
             for label in expected:
