@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import nvflare.client as flare
+import torch
 from fl_site import SiteTrainer, describe_error, parse_overrides, save_state_dict
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.app_constant import AlgorithmConstants
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_root", default=data_root, help=f"site dataset (default: ${DATA_ROOT_ENV})")
     parser.add_argument("--bundle_root", default=str(here), help="bundle with configs/ and scripts/ (default: here)")
     parser.add_argument("--local_epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--torch_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--config_file", action="append", default=None, help="bundle config(s), repeatable")
     parser.add_argument("--override", action="append", default=[], help="bundle override id=value, repeatable")
     parser.add_argument("--fedbn", action="store_true", help="keep BatchNorm parameters and statistics local")
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     # 1. connect to NVFlare; the site name comes from NVFlare, not from the command line
     flare.init()
     site = flare.get_site_name()

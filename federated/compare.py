@@ -47,6 +47,7 @@ __all__ = [
     "METHODS",
     "TINY_OVERRIDES",
     "pooled_training_dataset",
+    "baseline_rows",
     "evaluate_checkpoint",
     "format_table",
     "summarize",
@@ -77,34 +78,78 @@ TINY_OVERRIDES = {
 }
 
 
-def pooled_training_dataset(site_roots: Mapping[str, str | os.PathLike], output_dir: str | os.PathLike) -> Path:
+def pooled_training_dataset(
+    site_roots: Mapping[str, str | os.PathLike],
+    output_dir: str | os.PathLike,
+    test_root: str | os.PathLike | None = None,
+) -> Path:
     """A dataset root whose ``datalist.json`` lists every site's ``training`` cases (paths relative, no copies).
 
-    Each case keeps its fold, so the pooled validation fold is the union of the sites' validation folds.
+    Each case keeps its fold, so the pooled validation fold is the union of the sites' validation folds. With
+    ``test_root`` its ``test`` cases are listed too, so the models and the baselines are scored on one test split.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    training = []
+    sections: dict[str, list] = {"training": [], "test": []}
     labels = None
-    for site, root in site_roots.items():
-        root = Path(root)
+    sources = [(site, Path(root), "training") for site, root in site_roots.items()]
+    sources += [("pooled_test", Path(test_root), "test")] if test_root is not None else []
+    for site, root, section in sources:
         content = json.loads((root / "datalist.json").read_text())
         labels = labels or content.get("labels")
         rel = Path(os.path.relpath(root, out))
-        for item in content["training"]:
+        for item in content[section]:
             entry = dict(item)
             for key, value in item.items():
                 if isinstance(value, str) and value.startswith("images/"):
                     entry[key] = str(rel / value)
                 elif key == "image" and isinstance(value, list):
                     entry[key] = [str(rel / v) for v in value]
-            entry["site"] = site
-            training.append(entry)
-    datalist = {"name": "pooled training cases", "labels": labels, "training": training, "test": []}
+            entry.setdefault("site", site)
+            sections[section].append(entry)
+    datalist = {"name": "pooled training cases", "labels": labels, **sections}
     tmp = out / ".datalist.json.tmp"
     tmp.write_text(json.dumps(datalist, indent=1))
     os.replace(tmp, out / "datalist.json")
     return out
+
+
+def baseline_rows(pooled_root: str | os.PathLike, output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The trivial and the radiomics baseline on the pooled test split, trained on the pooled training cases.
+
+    ``majority``: always the most frequent training class. ``radiomics``: the bundle's
+    :func:`scripts.baseline.evaluate_baseline` (16 intensity/size features per phase, random forest), which sees every
+    site's cases, so it is a centralized baseline.
+    """
+    import numpy as np
+    from scripts.baseline import evaluate_baseline
+    from scripts.constants import LESION_CLASSES
+    from scripts.evaluation import classification_scores
+    from scripts.training import load_datalist
+
+    train = load_datalist(pooled_root, "training", fold=0, subset="train")
+    test_labels = np.array([c["label"] for c in load_datalist(pooled_root, "test")])
+    majority = int(np.bincount([c["label"] for c in train], minlength=len(LESION_CLASSES)).argmax())
+    one_class = np.zeros((len(test_labels), len(LESION_CLASSES)))
+    one_class[:, majority] = 1.0
+    rows = []
+    for name, model, trained_on, metrics in [
+        (
+            "majority",
+            f"Trivial: always the majority training class ({LESION_CLASSES[majority]})",
+            "pooled training cases",
+            classification_scores(one_class, test_labels),
+        ),
+        (
+            "radiomics",
+            "Radiomics baseline (random forest)",
+            "pooled training cases",
+            evaluate_baseline(pooled_root, eval_split="test", output_dir=Path(output_dir) / "radiomics", plots=False),
+        ),
+    ]:
+        scores = {f"val_{k}": float(metrics[k]) for k in ("accuracy", "f1", "kappa", "auc")}
+        rows.append({"name": name, "model": model, "trained_on": trained_on, "seconds": None, **scores})
+    return rows
 
 
 def evaluate_checkpoint(
@@ -129,7 +174,7 @@ def evaluate_checkpoint(
         dataset_dir=str(test_root),
         ckpt_path=str(ckpt),
         output_dir=str(output_dir),
-        **dict(overrides or {}),
+        **{**dict(overrides or {}), "baseline": False},  # compare.py scores the baselines once (baseline_rows)
     )
     workflow.initialize()
     workflow.run()
@@ -192,8 +237,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle_root", default=str(FEDERATED_DIR.parent / "bundle"))
     p.add_argument("--sites", nargs="+", default=["site_a", "site_b", "site_c"])
     p.add_argument("--cases_per_site", type=int, default=28)
-    p.add_argument("--test_cases_per_site", type=int, default=14)
+    p.add_argument("--test_cases_per_site", type=int, default=35)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--preset",
+        choices=["realistic", "classic"],
+        default="realistic",
+        help="appearance of the synthetic lesions (scripts.synthetic.PRESETS; each site keeps its own class mix)",
+    )
     p.add_argument("--total_epochs", type=int, default=24)
     p.add_argument("--num_rounds", type=int, default=12)
     p.add_argument("--override", action="append", default=[], help="extra bundle override id=value")
@@ -214,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     sys.path.insert(0, str(Path(args.bundle_root).resolve()))
     import job
     from fl_site import SiteTrainer, parse_overrides, save_state_dict
-    from scripts.synthetic import generate_federated_datasets
+    from scripts.synthetic import PRESETS, SynthOptions, generate_federated_datasets
 
     if args.total_epochs % args.num_rounds:
         raise ValueError(f"total_epochs ({args.total_epochs}) must be a multiple of num_rounds ({args.num_rounds}).")
@@ -226,12 +277,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     # 1. data: one dataset per site plus the pooled test set
     data = work / "data"
+    spec = {k: getattr(args, k) for k in ("sites", "cases_per_site", "test_cases_per_site", "seed", "preset")}
+    spec_file = data / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != spec:
+        raise ValueError(
+            f"{data} holds data generated with {spec_file.read_text().strip()}, not {json.dumps(spec)}: "
+            "use another --work_dir or delete that folder."
+        )
     if not (data / "pooled_test" / "datalist.json").is_file():
         generate_federated_datasets(
-            data, args.sites, args.cases_per_site, args.seed, test_cases_per_site=args.test_cases_per_site
+            data,
+            args.sites,
+            args.cases_per_site,
+            args.seed,
+            test_cases_per_site=args.test_cases_per_site,
+            options=SynthOptions(**PRESETS[args.preset]["options"]),
         )
+        spec_file.write_text(json.dumps(spec))
     site_roots = {s: data / s for s in args.sites}
-    pooled = pooled_training_dataset(site_roots, data / "pooled_train")
+    test_root = data / "pooled_test"
+    pooled = pooled_training_dataset(site_roots, data / "pooled_train", test_root)
 
     # 2. the same initial weights for every model
     init_ckpt = work / "initial.pt"
@@ -273,7 +338,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         ckpts[method] = fed_ckpt
 
     # 4. evaluate every final model on the pooled held-out test set with the bundle's evaluate.json
-    test_root = data / "pooled_test"
     rows = []
     schedule = f"{len(args.sites)} sites, {args.num_rounds} rounds x {local_epochs} epochs"
     described = {m: (METHODS[m][0], schedule) for m in args.methods}
@@ -293,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             metrics = evaluate_checkpoint(ckpts[name], test_root, args.bundle_root, work / "eval" / name, overrides)
         model, trained_on = described.get(name, (f"{name} alone", f"{name} only, {args.total_epochs} epochs"))
         rows.append({"name": name, "model": model, "trained_on": trained_on, "seconds": timings.get(name), **metrics})
+    rows += baseline_rows(pooled, work / "eval")
     table = format_table(rows)
     best_site = max(r["val_f1"] for r in rows if r["name"] in args.sites)
     best = max((r for r in rows if r["name"] in args.methods), key=lambda r: r["val_f1"])

@@ -88,7 +88,7 @@ def run_poc(args: argparse.Namespace) -> Path | None:
     """Provision and start PoC, submit the job, wait, copy the result out, stop PoC. Returns the global checkpoint."""
     from nvflare.recipe import PocEnv
 
-    args = job.resolve_paths(args)
+    args = job.share_cores(job.resolve_paths(args), len(args.sites))
     poc_ws = Path(args.poc_workspace).expanduser().resolve()
     data_roots = job.site_data_roots(args.sites, args.data_root, args.site_data)
     result_copy = Path(args.workspace) / f"{args.name}_poc"
