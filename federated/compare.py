@@ -132,7 +132,7 @@ def baseline_rows(pooled_root: str | os.PathLike, output_dir: str | os.PathLike)
     majority = int(np.bincount([c["label"] for c in train], minlength=len(LESION_CLASSES)).argmax())
     one_class = np.zeros((len(test_labels), len(LESION_CLASSES)))
     one_class[:, majority] = 1.0
-    rows = []
+    rows, metrics_kept = [], ("accuracy", "f1", "kappa", "auc")
     for name, model, trained_on, metrics in [
         (
             "majority",
@@ -147,7 +147,8 @@ def baseline_rows(pooled_root: str | os.PathLike, output_dir: str | os.PathLike)
             evaluate_baseline(pooled_root, eval_split="test", output_dir=Path(output_dir) / "radiomics", plots=False),
         ),
     ]:
-        scores = {f"val_{k}": float(metrics[k]) for k in ("accuracy", "f1", "kappa", "auc")}
+        # AUC is undefined (None) when no class has both positives and negatives among the test cases
+        scores = {f"val_{k}": float("nan") if metrics[k] is None else float(metrics[k]) for k in metrics_kept}
         rows.append({"name": name, "model": model, "trained_on": trained_on, "seconds": None, **scores})
     return rows
 
@@ -214,14 +215,24 @@ def summarize(work_dirs: Sequence[str | os.PathLike], results_name: str = "resul
         f"| model | macro-F1 mean +- sd (n={len(runs)}) | accuracy mean +- sd | macro-F1 per run |",
         "|---|---|---|---|",
     ]
+    mean_f1 = {}
     for name in names:
         rows = [next(r for r in run["rows"] if r["name"] == name) for run in runs]
         f1 = torch.tensor([100 * r["val_f1"] for r in rows], dtype=torch.float64)
         acc = torch.tensor([100 * r["val_accuracy"] for r in rows], dtype=torch.float64)
+        mean_f1[name] = float(f1.mean())
         per_run = ", ".join(f"{v:.1f}" for v in f1.tolist())
         lines.append(
-            f"| {rows[0]['model']} | {float(f1.mean()):.1f} +- {_sd(f1):.1f} | {float(acc.mean()):.1f} +- "
+            f"| {rows[0]['model']} | {mean_f1[name]:.1f} +- {_sd(f1):.1f} | {float(acc.mean()):.1f} +- "
             f"{_sd(acc):.1f} | {per_run} |"
+        )
+    federated = [n for n in names if n in METHODS]
+    if federated and "centralized" in mean_f1:
+        best = max(federated, key=mean_f1.get)
+        gap = mean_f1[best] - mean_f1["centralized"]
+        lines.append(
+            f"\nBest federated method on average: {best}, {gap:+.1f} macro-F1 points from centralized "
+            f"(target: within 3 points: {'met' if gap >= -3 else 'not met'})."
         )
     return "\n".join(lines)
 

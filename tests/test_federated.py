@@ -316,6 +316,52 @@ def test_project_yml_provisions_every_hospital(tmp_path):
     assert (prod / "admin@coordinating-center.example.org" / "startup").is_dir()
 
 
+def test_sites_on_one_machine_share_its_cores(tmp_path):
+    """Simulator and PoC: each site's training process gets its share of the cores (three torch pools of all cores
+    on two cores spend their time spin-waiting); an explicit --site_threads wins; production passes nothing."""
+    parser = job.build_arg_parser()
+    shared = job.share_cores(parser.parse_args([]), 3)
+    assert shared.site_threads == max(1, (os.cpu_count() or 1) // 3)
+    assert job.share_cores(parser.parse_args(["--site_threads", "4"]), 3).site_threads == 4
+    for site_threads, expected in [(2, ["--torch_threads", "2"]), (None, [])]:
+        args = parser.parse_args(["--sites", "site_a", "--name", f"t{site_threads}", *TINY_ARGS])
+        args.site_threads = site_threads
+        with job.in_job_dir():
+            recipe = job.build_recipe(
+                args, {"site_a": "/data"}, job.stage_bundle(BUNDLE, tmp_path / f"s{site_threads}")
+            )
+            recipe.export(str(tmp_path / "exported"))
+        client = json.loads(
+            (tmp_path / "exported" / args.name / "app_site_a" / "config" / "config_fed_client.json").read_text()
+        )
+        command = client["executors"][0]["executor"]["args"]["command"]
+        found = command[command.index("--torch_threads") :][:2] if "--torch_threads" in command else []
+        assert found == expected
+
+
+def test_compare_scores_models_and_baselines_on_one_pooled_test_split(fed_data, tmp_path):
+    """compare.py's pooled dataset lists every site's training cases and the pooled test cases; the trivial and the
+    radiomics baseline are trained on the pooled training cases and scored on that test split."""
+    from sklearn.metrics import f1_score
+
+    sites = {s: fed_data[s] for s in SITES}
+    pooled = compare.pooled_training_dataset(sites, tmp_path / "pooled", fed_data["pooled_test"])
+    datalist = json.loads((pooled / "datalist.json").read_text())
+    site_cases = sum(len(json.loads((r / "datalist.json").read_text())["training"]) for r in sites.values())
+    test = json.loads((fed_data["pooled_test"] / "datalist.json").read_text())["test"]
+    assert len(datalist["training"]) == site_cases and len(datalist["test"]) == len(test)
+    for case in datalist["training"] + datalist["test"]:
+        paths = [v for v in case.values() if isinstance(v, str) and v.endswith(".nii.gz")]
+        assert len(paths) == 8 and all((pooled / path).is_file() for path in paths)
+    rows = {r["name"]: r for r in compare.baseline_rows(pooled, tmp_path / "eval")}
+    labels = [c["label"] for c in test]
+    majority = rows["majority"]
+    predicted = [int(np.bincount([c["label"] for c in datalist["training"] if c["fold"] != 0]).argmax())] * len(labels)
+    assert majority["val_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert 0.0 <= rows["radiomics"]["val_f1"] <= 1.0
+    assert (tmp_path / "eval" / "radiomics" / "metrics.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # NVFlare runs
 # ---------------------------------------------------------------------------------------------------------------
