@@ -345,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 job_args += ["--override", pair]
             if job.main(job_args) is None:
                 raise RuntimeError(f"the {method} job did not produce a global model; logs under {work / 'nvflare'}")
+            server_log = work / "nvflare" / f"lcadb_compare_{method}" / "server" / "log.txt"
+            if f"Global model starts from {job.INITIAL_CKPT_NAME}" not in server_log.read_text():
+                raise RuntimeError(f"the {method} job did not start from {init_ckpt} (see {server_log})")
             timings[method] = time.time() - start
         ckpts[method] = fed_ckpt
 

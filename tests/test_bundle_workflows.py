@@ -374,22 +374,44 @@ def test_bad_input_seven_phases(tmp_path, dataset):
     assert f"case '{edit.case}' has 7 of the 8 phases: missing ['DWI']" in text
 
 
-def test_bad_input_non_finite_voxels(tmp_path, dataset):
-    corrupt = tmp_path / "corrupt"
+def _nan_voxel_dataset(dataset: Path, tmp_path: Path) -> tuple[Path, str, Path]:
+    """A copy of ``dataset`` whose second training case has one NaN voxel in T2WI: (dataset, case, corrupt file)."""
+    corrupt = tmp_path / "corrupt" / "T2WI.nii.gz"
 
     def edit(datalist):
         item = datalist["training"][1]
-        source = Path(item["T2WI"])
-        image = nib.load(source)
+        image = nib.load(item["T2WI"])
         data = np.asarray(image.dataobj, dtype=np.float32)
         data[0, 0, 0] = np.nan
-        corrupt.mkdir()
-        nib.save(nib.Nifti1Image(data, image.affine), corrupt / "T2WI.nii.gz")
-        item["T2WI"] = str(corrupt / "T2WI.nii.gz")
+        corrupt.parent.mkdir()
+        nib.save(nib.Nifti1Image(data, image.affine), corrupt)
+        item["T2WI"] = str(corrupt)
         edit.case = item["case"]
 
-    text = _run_expecting_failure(tmp_path / "bundle", _datalist_copy(dataset, tmp_path / "data", edit))
-    assert f"case '{edit.case}' 'T2WI' ({corrupt / 'T2WI.nii.gz'}): 1 non-finite voxel(s)" in text
+    return _datalist_copy(dataset, tmp_path / "data", edit), edit.case, corrupt
+
+
+def test_bad_input_non_finite_voxels(tmp_path, dataset):
+    data, case, corrupt = _nan_voxel_dataset(dataset, tmp_path)
+    text = _run_expecting_failure(tmp_path / "bundle", data)
+    assert f"case '{case}' 'T2WI' ({corrupt}): 1 non-finite voxel(s)" in text
+
+
+@pytest.mark.slow
+def test_bad_input_non_finite_voxels_cli_exit_status(tmp_path, dataset):
+    """The README's command line with train.json's own loader settings (4 cache threads, torch's default threads): a
+    NaN voxel ends the run with exit status 1 and the case named, not an abort (134) while the other cache threads
+    are still loading cases."""
+    data, case, corrupt = _nan_voxel_dataset(dataset, tmp_path)
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--meta_file", "bundle/configs/metadata.json"]
+    command += ["--config_file", "bundle/configs/train.json", "--logging_file", "bundle/configs/logging.conf"]
+    overrides = {"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(data), "num_workers": 4, "num_threads": 0}
+    result = subprocess.run(
+        command + _cli_overrides(**overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"case '{case}' 'T2WI' ({corrupt}): 1 non-finite voxel(s)" in result.stderr
+    assert not (tmp_path / "bundle" / "models").exists()
 
 
 def test_bad_input_seven_phase_case_folder(trained, tmp_path, dataset):

@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -37,6 +39,26 @@ __all__ = [
     "check_case",
     "resolve_case_paths",
 ]
+
+
+#: Seconds to wait at exit for each cache-filling thread still running a transform.
+CACHE_WORKER_EXIT_WAIT = 120.0
+
+
+def _join_cache_workers() -> None:
+    """Let the worker threads of MONAI's ``CacheDataset`` finish their current case before the interpreter exits.
+
+    When a transform raises while ``CacheDataset`` fills its cache, MONAI's ``ThreadPool`` is terminated but its
+    threads are not joined; the error ends the run while they are still inside torch operations, and at interpreter
+    shutdown such a thread aborts the process ("terminate called without an active exception", exit status 134)
+    instead of the clear error and exit status 1. The pool's threads stop after their current case.
+    """
+    for thread in threading.enumerate():
+        if thread.daemon and thread.name.endswith("(worker)") and thread is not threading.current_thread():
+            thread.join(CACHE_WORKER_EXIT_WAIT)
+
+
+atexit.register(_join_cache_workers)
 
 
 def _source_of(img: NdarrayOrTensor) -> str | None:
