@@ -216,8 +216,9 @@ class ResilientFedAvg(FedAvg):
 
     - sends each round's task to all connected sites that have not failed before;
     - ends a round once every site has answered, or ``wait_time_after_min_received`` seconds after the first
-      ``min_clients`` answers, or after ``round_timeout`` seconds (so a hung site cannot block the job), and
-      drops every site that did not answer, naming it and the limit;
+      ``min_clients`` answers, or after ``round_timeout`` seconds (so a hung site cannot block the job), or when
+      NVFlare deems every site still awaited disconnected (its job reported dead, e.g. a restarted client, see
+      fl_rejoin.py), and drops every site that did not answer, naming it and the limit or the disconnection;
     - logs a site's error report (``meta[SITE_ERROR_KEY]``, sent by client.py, e.g. missing data, naming the site
       and the path) or its NVFlare error code, drops that site from later rounds, and aggregates the others;
     - stops the job with a clear error when fewer than ``min_clients`` sites delivered a model in a round.
@@ -339,14 +340,21 @@ class ResilientFedAvg(FedAvg):
         return super()._aggregate_one_result(result)
 
     def _get_aggregated_result(self) -> FLModel:
+        disconnect_time = getattr(self.communicator, "get_client_disconnect_time", lambda site: None)
         for site in self._round_targets:
-            if site not in self._round_answered:
-                limit = (
-                    f"round_timeout={self.round_timeout} s"
-                    if self.round_timeout
-                    else f"wait_time_after_min_received={self.wait_time_after_min_received} s after min_clients"
-                )
-                self._mark_failed(site, f"no result within the round ({limit}): hung, disconnected or restarted")
+            if site in self._round_answered:
+                continue
+            if disconnect_time(site):
+                # NVFlare ends a task early once every site it still waits for is deemed disconnected: a dead-job
+                # report (a lost job process, a restarted client: fl_rejoin.py) plus its dead-client grace period
+                self._mark_failed(site, "no result; NVFlare deemed it disconnected (its job was reported dead)")
+                continue
+            limit = (
+                f"round_timeout={self.round_timeout} s"
+                if self.round_timeout
+                else f"wait_time_after_min_received={self.wait_time_after_min_received} s after min_clients"
+            )
+            self._mark_failed(site, f"no result within the round ({limit}): hung, disconnected or restarted")
         if self._received_count < self.min_clients:
             raise RuntimeError(
                 f"Round {self.current_round}: only {self._received_count} site(s) delivered a model, fewer than "

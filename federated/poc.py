@@ -46,7 +46,8 @@ POC_ADMIN = "admin@nvidia.com"
 
 
 def poc_project(sites: Sequence[str], port: int = 8002, name: str = "lcadb_poc") -> dict:
-    """A PoC project: server ``localhost`` (loopback-only listener) on ``port``, one client per site, one admin."""
+    """A PoC project: server ``localhost`` (loopback-only listener) on ``port``, one client per site, one admin.
+    Provisioning it imports ``fl_rejoin`` (this folder must be on ``sys.path``)."""
     if len(set(sites)) != len(sites) or not sites:
         raise ValueError(f"sites must be distinct and not empty, got {list(sites)}.")
     participants = [
@@ -56,6 +57,8 @@ def poc_project(sites: Sequence[str], port: int = 8002, name: str = "lcadb_poc")
     builders = [
         {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder", "args": {"template_file": ["master_template.yml"]}},
         {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
+        # a site whose client restarts mid-job must not fail the job (fl_rejoin.py, imported from this folder)
+        {"path": "fl_rejoin.RejoinedSiteBuilder"},
         {"path": "nvflare.lighter.impl.cert.CertBuilder"},
         {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
     ]

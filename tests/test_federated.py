@@ -307,13 +307,23 @@ def test_build_recipe_rejects_bad_settings(tmp_path):
 
 
 def test_project_yml_provisions_every_hospital(tmp_path):
-    """`nvflare provision -p federated/project.yml` builds a startup kit per hospital, server and admin."""
+    """`nvflare provision -p federated/project.yml -c federated` builds a startup kit per hospital, server and admin;
+    the server's kit lists the handler that keeps a restarted hospital from failing the job, and ships its module."""
+    import fl_rejoin
+
     nvflare = Path(sys.executable).parent / "nvflare"
-    subprocess.run([str(nvflare), "provision", "-p", str(FEDERATED / "project.yml"), "-w", str(tmp_path)], check=True)
+    subprocess.run(
+        [str(nvflare), "provision", "-p", str(FEDERATED / "project.yml"), "-c", str(FEDERATED), "-w", str(tmp_path)],
+        check=True,
+    )
     prod = tmp_path / "lcadb_federation" / "prod_00"
     for kit in ("fl-server.example.org", "hospital-a", "hospital-b", "hospital-c"):
         assert (prod / kit / "startup" / "start.sh").is_file(), kit
     assert (prod / "admin@coordinating-center.example.org" / "startup").is_dir()
+    server_local = prod / "fl-server.example.org" / "local"
+    components = json.loads((server_local / "resources.json.default").read_text())["components"]
+    assert {"id": fl_rejoin.COMPONENT_ID, "path": "fl_rejoin.RejoinedSiteHandler", "args": {}} in components
+    assert (server_local / "custom" / "fl_rejoin.py").read_text() == (FEDERATED / "fl_rejoin.py").read_text()
 
 
 def test_sites_on_one_machine_share_its_cores(tmp_path):
@@ -489,7 +499,12 @@ def running_poc(root: Path, sites, port: int):
     nvflare = str(Path(sys.executable).parent / "nvflare")
     env = {**os.environ, "NVFLARE_POC_WORKSPACE": str(root / "poc")}
     project = poc.write_poc_project(root / "project.yml", sites, port)
-    subprocess.run([nvflare, "poc", "prepare", "-i", str(project), "--force"], env=env, check=True, timeout=120)
+    subprocess.run(  # the project's builders import fl_rejoin from federated/
+        [nvflare, "poc", "prepare", "-i", str(project), "--force"],
+        env={**env, "PYTHONPATH": os.pathsep.join([str(FEDERATED), os.environ.get("PYTHONPATH", "")])},
+        check=True,
+        timeout=120,
+    )
     try:
         subprocess.run([nvflare, "poc", "start", "-ex", poc.POC_ADMIN], env=env, check=True, timeout=180)
         yield root / "poc" / "lcadb_poc" / "prod_00" / poc.POC_ADMIN, env
@@ -528,6 +543,66 @@ def _training_pid(data_root: Path) -> int:
     return pids[0]
 
 
+def _export_job(tmp_path: Path, name: str, sites, job_args) -> Path:
+    """The job as ``job.py --export`` writes it (``recipe.export``), for ``nvflare job submit``."""
+    args = job.resolve_paths(job.build_arg_parser().parse_args(["--name", name, "--sites", *sites, *job_args]))
+    with job.in_job_dir():
+        recipe = job.build_recipe(
+            args, job.site_data_roots(sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / "b")
+        )
+        recipe.export(str(tmp_path / "exported"))
+    return tmp_path / "exported" / name
+
+
+def _submit(admin_kit: Path, exported: Path, env: dict) -> str:
+    """``nvflare job submit`` with the admin's startup kit; returns the job id."""
+    submitted = subprocess.run(
+        [str(Path(sys.executable).parent / "nvflare"), "job", "submit", "-j", str(exported)]
+        + ["--startup-kit", str(admin_kit)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    return re.search(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", submitted.stdout).group(0)
+
+
+def _wait_for_log(log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.is_file() and text in log.read_text()):
+        assert time.monotonic() < deadline, f"{text!r} never appeared in {log}"
+        time.sleep(0.5)
+
+
+def _client_pid(site_workspace: Path) -> int | None:
+    """PID of the NVFlare client process (``client_train``, started by the kit's ``sub_start.sh``) of a PoC site."""
+    workspace = str(site_workspace.resolve()).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"nvflare.private.fed.app.client.client_train" in args and workspace in args:
+                pids.append(int(proc.name))
+    assert len(pids) <= 1, f"client processes of {site_workspace}: {pids}"
+    return pids[0] if pids else None
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (its job process, the training process it launched, ...)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 @pytest.mark.slow
 def test_poc_killed_and_hung_sites_leave_the_job_finishing(tmp_path):
     """The production path in PoC: the exported job, submitted with `nvflare job submit` and the admin's startup kit
@@ -550,41 +625,25 @@ def test_poc_killed_and_hung_sites_leave_the_job_finishing(tmp_path):
         for k, v in tiny_network().state_dict().items()
     }
     start_ckpt = fl_site.save_state_dict(start, tmp_path / "start.pt")
-    args = job.resolve_paths(
-        job.build_arg_parser().parse_args(
-            ["--name", "lossy", "--sites", *sites, "--min_clients", "2", "--num_rounds", "3", "--wait_after_min", "15"]
-            + ["--eval_timeout", "120", "--data_root", str(tmp_path / "data"), "--initial_ckpt", str(start_ckpt)]
-            + [*FAST_JOB_ARGS, "--override", "learning_rate=0.0"]
-        )
+    exported = _export_job(
+        tmp_path,
+        "lossy",
+        sites,
+        ["--min_clients", "2", "--num_rounds", "3", "--wait_after_min", "15", "--eval_timeout", "120"]
+        + ["--data_root", str(tmp_path / "data"), "--initial_ckpt", str(start_ckpt)]
+        + [*FAST_JOB_ARGS, "--override", "learning_rate=0.0"],
     )
-    with job.in_job_dir():
-        recipe = job.build_recipe(
-            args, job.site_data_roots(sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / "b")
-        )
-        recipe.export(str(tmp_path / "exported"))
-    exported = tmp_path / "exported" / "lossy"
     server_config = json.loads((exported / "app_server" / "config" / "config_fed_server.json").read_text())
     persistor = next(c for c in server_config["components"] if c["path"].endswith("BundleCheckpointPersistor"))
     assert persistor["args"]["source_ckpt_file_full_name"] == job.INITIAL_CKPT_NAME
     assert (exported / "app_server" / "custom" / job.INITIAL_CKPT_NAME).is_file()
     assert not list(exported.rglob("*.conf"))  # `nvflare job submit` parses every *.conf as an NVFlare config
-    nvflare = str(Path(sys.executable).parent / "nvflare")
     frozen = None
     with running_poc(tmp_path, sites, port=8132) as (admin_kit, env):
-        submitted = subprocess.run(
-            [nvflare, "job", "submit", "-j", str(exported), "--startup-kit", str(admin_kit)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-        job_id = re.search(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", submitted.stdout).group(0)
+        job_id = _submit(admin_kit, exported, env)
         server_log = tmp_path / "poc" / "lcadb_poc" / "prod_00" / "localhost" / job_id / "log.txt"
         deadline = time.monotonic() + 300
-        while not (server_log.is_file() and "Round 1: training on sites" in server_log.read_text()):
-            assert time.monotonic() < deadline, "round 1 never started"
-            time.sleep(0.5)
+        _wait_for_log(server_log, "Round 1: training on sites", 300)
         os.kill(_training_pid(data["site_c"]), signal.SIGKILL)
         frozen = _training_pid(data["site_d"])
         os.kill(frozen, signal.SIGSTOP)
@@ -611,3 +670,104 @@ def test_poc_killed_and_hung_sites_leave_the_job_finishing(tmp_path):
     assert_parameters_equal(torch.load(ckpt, map_location="cpu", weights_only=True), start)
     cse = json.loads(next(result.rglob("cross_val_results.json")).read_text())
     assert set(cse) == {"site_a", "site_b"}
+
+
+@pytest.mark.slow
+def test_poc_restarted_client_rejoins_without_holding_the_job(fed_data, tmp_path):
+    """A site's machine crashes in round 1: its NVFlare client process and every process below it (the site's job
+    process, its training process) are SIGKILLed by PID. The startup kit's ``sub_start.sh`` loop restarts the client
+    from the kit and it registers again with the server. The job still completes with the two other sites: the server
+    log names site_c and why, round 2 and the final evaluation leave it out instead of waiting for it (the job ends
+    far sooner than the default 600 s straggler wait or 600 s evaluation timeout), and the global model is there."""
+    sites = list(SITES)
+    exported = _export_job(
+        tmp_path,
+        "restart",
+        sites,
+        ["--min_clients", "2", "--num_rounds", "3", "--wait_after_min", "10", "--eval_timeout", "240"]
+        + ["--data_root", str(fed_data["site_a"].parent), *FAST_JOB_ARGS],
+    )
+    with running_poc(tmp_path, sites, port=8142) as (admin_kit, env):
+        prod = admin_kit.parent
+        job_id = _submit(admin_kit, exported, env)
+        server_log = prod / "localhost" / job_id / "log.txt"
+        _wait_for_log(server_log, "Round 1: training on sites ['site_a', 'site_b', 'site_c']", 300)
+        client = _client_pid(prod / "site_c")
+        crashed = [client, *_descendants(client)]
+        assert len(crashed) >= 3, crashed  # client, its job process, the training process (client.py)
+        for pid in crashed:  # the whole machine goes down at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        parent_log = prod / "localhost" / "log.txt"  # the server's parent process: registrations, job outcomes
+        registrations = parent_log.read_text().count("Re-login the client with a new token")
+        deadline = killed_at + 120
+        while _client_pid(prod / "site_c") in (None, client):  # sub_start.sh checks every 5 s
+            assert time.monotonic() < deadline, "sub_start.sh did not restart site_c's client"
+            time.sleep(0.5)
+        while parent_log.read_text().count("Re-login the client with a new token") <= registrations:
+            assert time.monotonic() < deadline, "the restarted site_c never registered again"
+            time.sleep(0.5)
+        status, result = wait_for_job(admin_kit, job_id, 400, tmp_path / "result")
+        kill_to_end = time.monotonic() - killed_at
+        server_parent_log = parent_log.read_text()
+    # without fl_rejoin.RejoinedSiteHandler NVFlare's server fails the finished job here: "Failing job ...: terminal
+    # outcome unavailable from site_c: missing job on client" (FINISHED:ABNORMAL)
+    assert status == "FINISHED:COMPLETED", status
+    assert f"Site site_c registered again while job {job_id} it was started on is running" in server_parent_log
+    # it was the kit's own supervisor loop (startup/sub_start.sh, output in the PoC console log) that restarted it
+    assert f"start fl because process of {client} does not exist" in (prod / "site_c" / "poc_console.log").read_text()
+    log = next(p for p in result.rglob("log.txt") if "Round 0" in p.read_text()).read_text()
+    assert re.search(r"Site site_c failed in round 1 .*no result within the round", log)
+    assert "Round 2: training on sites ['site_a', 'site_b']" in log
+    assert "left out (failed during training)" in log
+    cse = json.loads(next(result.rglob("cross_val_results.json")).read_text())
+    assert set(cse) == {"site_a", "site_b"}
+    assert job.find_global_checkpoint(result) is not None
+    # the 10 s straggler wait, one round and the evaluation (21 s measured); an evaluation waiting for site_c would
+    # take its 240 s timeout, and the defaults would wait 600 s + 600 s
+    assert kill_to_end < 150, kill_to_end
+
+
+@pytest.mark.slow
+def test_poc_py_failed_job_exits_1_and_keeps_the_workspace(fed_data, tmp_path):
+    """``poc.py`` (its CLI, as a user runs it) on a job that cannot complete: 2 sites, min_clients = all, site_b's
+    datalist has a case without a label. It exits 1 with an error naming the job status, the server log names the
+    site, the case and the reason, and the PoC workspace with all logs is kept."""
+    broken = tmp_path / "site_b_broken"
+    shutil.copytree(fed_data["site_b"], broken)
+    datalist = json.loads((broken / "datalist.json").read_text())
+    case = datalist["training"][0]
+    del case["label"]
+    (broken / "datalist.json").write_text(json.dumps(datalist))
+    poc_ws = tmp_path / "poc"
+    try:
+        run = subprocess.run(
+            [sys.executable, str(FEDERATED / "poc.py"), "--name", "nolabel", "--sites", "site_a", "site_b"]
+            + ["--num_rounds", "1", "--cross_site_eval", "none", "--port", "8152", "--timeout", "300"]
+            + ["--data_root", str(fed_data["site_a"].parent), "--site_data", f"site_b={broken}"]
+            + ["--workspace", str(tmp_path / "ws"), "--poc_workspace", str(poc_ws), *FAST_JOB_ARGS],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+    finally:
+        if poc_ws.is_dir():  # poc.py stops its processes itself; this only matters when it was killed by the timeout
+            subprocess.run(
+                [str(Path(sys.executable).parent / "nvflare"), "poc", "stop"],
+                env={**os.environ, "NVFLARE_POC_WORKSPACE": str(poc_ws)},
+                capture_output=True,
+                timeout=180,
+            )
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    error = re.search(r"ERROR lcadb\.federated\.poc: PoC job \S+ did not complete \(status (\S+)\)", output)
+    assert error and error.group(1) != job.COMPLETED, output
+    assert f"PoC workspace kept with all logs: {poc_ws}" in output
+    assert (poc_ws / "lcadb_poc" / "prod_00" / "localhost" / "startup").is_dir()  # kept, kits and logs included
+    server_logs = [p.read_text() for p in poc_ws.rglob("log.txt") if "ResilientFedAvg" in p.read_text()]
+    assert server_logs, f"no server job log under {poc_ws}"
+    assert "Site site_b failed in round 0" in server_logs[0]
+    assert f"case '{case['case']}' in {broken / 'datalist.json'} 'training' has no 'label'" in server_logs[0]
+    assert "only 1 site(s) delivered a model, fewer than min_clients=2" in server_logs[0]
