@@ -18,13 +18,14 @@
    SCAFFOLD) in NVFlare's simulator (``job.py``: ``num_rounds`` rounds of ``total_epochs / num_rounds`` local epochs,
    started from the same initial weights with ``--initial_ckpt``). FedBN's server model lacks the sites' BatchNorm, so
    its row is the mean over the sites' personalised models.
-3. Each final model is evaluated with the bundle's ``evaluate.json`` on the pooled test set; the table reports
-   macro-F1 (and accuracy, Cohen's kappa).
+3. Each final model is evaluated with the bundle's ``evaluate.json`` on the pooled test set, beside two baselines
+   trained on the pooled training cases (:func:`baseline_rows`); the table reports macro-F1 (and accuracy, Cohen's
+   kappa). ``--summarize`` gives mean and spread over seeds and the gap of the best federated method.
 
-Example (the README's main table, data seeds 0 and 1)::
+Example (the README's comparison, one data seed of five)::
 
-    python federated/compare.py --work_dir /tmp/lcadb_compare24_s0 --seed 0
-    python federated/compare.py --work_dir /tmp/lcadb_compare24_s1 --seed 1
+    python federated/compare.py --work_dir /tmp/lcadb_cmp_r0 --seed 0 --methods fedavg fedopt fedprox fedbn scaffold
+    python federated/compare.py --summarize /tmp/lcadb_cmp_r0 /tmp/lcadb_cmp_r1 /tmp/lcadb_cmp_r2
 
 Synthetic data only: this says nothing about real LLD-MMRI performance.
 """
@@ -118,7 +119,7 @@ def baseline_rows(pooled_root: str | os.PathLike, output_dir: str | os.PathLike)
     """The trivial and the radiomics baseline on the pooled test split, trained on the pooled training cases.
 
     ``majority``: always the most frequent training class. ``radiomics``: the bundle's
-    :func:`scripts.baseline.evaluate_baseline` (16 intensity/size features per phase, random forest), which sees every
+    :func:`scripts.baseline.evaluate_baseline` (85 intensity, texture and size features, random forest), which sees every
     site's cases, so it is a centralized baseline.
     """
     import numpy as np
