@@ -119,8 +119,8 @@ def baseline_rows(pooled_root: str | os.PathLike, output_dir: str | os.PathLike)
     """The trivial and the radiomics baseline on the pooled test split, trained on the pooled training cases.
 
     ``majority``: always the most frequent training class. ``radiomics``: the bundle's
-    :func:`scripts.baseline.evaluate_baseline` (85 intensity, texture and size features, random forest), which sees every
-    site's cases, so it is a centralized baseline.
+    :func:`scripts.baseline.evaluate_baseline` (85 intensity, texture and size features, random forest), which sees
+    every site's cases, so it is a centralized baseline.
     """
     import numpy as np
     from scripts.baseline import evaluate_baseline
