@@ -15,9 +15,14 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import scripts.transforms
 import torch
 from monai.bundle import ConfigParser, verify_metadata
 from monai.data import MetaTensor
@@ -137,6 +142,17 @@ def test_check_lesion_roi_dict_names_case_key_and_file():
     CheckLesionROId(keys=["missing"], allow_missing_keys=True)({"case": "X1"})
     with pytest.raises(ValueError, match="num_channels"):
         CheckLesionROI(num_channels=0)
+
+
+def test_exit_does_not_wait_for_idle_pool_threads():
+    """The exit hook of scripts.transforms waits for busy cache threads only (see
+    test_bad_input_non_finite_voxels_cli_exit_status); an idle thread of a pool left open must not delay the exit."""
+    code = "import scripts.transforms\nfrom multiprocessing.pool import ThreadPool\nThreadPool(2).map(abs, [-1, -2])"
+    bundle = Path(scripts.transforms.__file__).resolve().parents[1]
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=bundle, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - start < 60  # the hook's wait for one thread is 120 s
 
 
 def test_check_case(tmp_path):

@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import atexit
+import multiprocessing.pool
 import os
+import sys
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -49,12 +51,18 @@ def _join_cache_workers() -> None:
     """Let the worker threads of MONAI's ``CacheDataset`` finish their current case before the interpreter exits.
 
     When a transform raises while ``CacheDataset`` fills its cache, MONAI's ``ThreadPool`` is terminated but its
-    threads are not joined; the error ends the run while they are still inside torch operations, and at interpreter
-    shutdown such a thread aborts the process ("terminate called without an active exception", exit status 134)
-    instead of the clear error and exit status 1. The pool's threads stop after their current case.
+    threads are not joined (``multiprocessing.pool`` joins process workers only); the error ends the run while they
+    are still inside torch operations, and at interpreter shutdown such a thread aborts the process ("terminate called
+    without an active exception", exit status 134) instead of the clear error and exit status 1. Only busy pool
+    threads are waited for: an idle one of a pool left open waits for a task forever.
     """
+    frames = sys._current_frames()
     for thread in threading.enumerate():
-        if thread.daemon and thread.name.endswith("(worker)") and thread is not threading.current_thread():
+        if not (thread.daemon and thread.name.endswith("(worker)")) or thread is threading.current_thread():
+            continue
+        frame = frames.get(thread.ident)
+        waiting_for_task = frame is not None and frame.f_code is multiprocessing.pool.worker.__code__
+        if not waiting_for_task:
             thread.join(CACHE_WORKER_EXIT_WAIT)
 
 
