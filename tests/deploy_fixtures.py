@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,16 @@ def _quote(value: str) -> str:
     import shlex
 
     return shlex.quote(str(value))
+
+
+def rewrite_dicom(paths, **attributes) -> None:
+    """Set DICOM attributes (by keyword) in each file of ``paths``, in place: a study edited into a bad or unusual
+    input."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
 
 
 def sr_files(folder: Path) -> list[Path]:

@@ -29,6 +29,7 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
     deploy_model,
     generated_study,
     require_tool,
+    rewrite_dicom,
     run_app,
     run_app_subprocess,
     sr_files,
@@ -246,14 +247,6 @@ def test_map_layout_with_environment_variables(studies_root, deploy_model, dciod
 
 
 # ------------------------------------------------------------------------------------------ bad input
-def _rewrite(paths, **attributes):
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-        ds.save_as(path)
-
-
 def _missing_phase(src, truth, dst):
     return copy_study(src, dst, drop=(truth.series_dirs["C+V"],)), ["phase 'C+V' not found"]
 
@@ -261,13 +254,13 @@ def _missing_phase(src, truth, dst):
 def _only_ct(src, truth, dst):
     dst.mkdir()
     shutil.copytree(src / truth.series_dirs["C+A"], dst / "ct")
-    _rewrite(sorted((dst / "ct").glob("*.dcm")), Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")
+    rewrite_dicom(sorted((dst / "ct").glob("*.dcm")), Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")
     return dst, ["no MR series", "'CT'"]
 
 
 def _other_frame_of_reference(src, truth, dst):
     copy_study(src, dst)
-    _rewrite(sorted((dst / truth.series_dirs["DWI"]).glob("*.dcm")), FrameOfReferenceUID="1.2.3.4.5.6.7.8.9")
+    rewrite_dicom(sorted((dst / truth.series_dirs["DWI"]).glob("*.dcm")), FrameOfReferenceUID="1.2.3.4.5.6.7.8.9")
     return dst, ["phases ['DWI'] are in a different Frame of Reference"]
 
 
@@ -302,7 +295,7 @@ def _ambiguous_phase(src, truth, dst):
     extra = dst / "series_099"
     shutil.copytree(dst / truth.series_dirs["C+A"], extra)
     for k, path in enumerate(sorted(extra.glob("*.dcm"))):  # a second copy of C+A: same time, same geometry
-        _rewrite([path], SeriesInstanceUID="1.2.3.4.5.6.7.8.10", SeriesNumber=99, SOPInstanceUID=f"1.2.3.4.99.{k}")
+        rewrite_dicom([path], SeriesInstanceUID="1.2.3.4.5.6.7.8.10", SeriesNumber=99, SOPInstanceUID=f"1.2.3.4.99.{k}")
     return dst, ["phase 'C+A' is ambiguous"]
 
 

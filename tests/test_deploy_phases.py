@@ -28,6 +28,7 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
     deploy_model,
     generated_study,
     orthanc,
+    rewrite_dicom,
     run_app,
     sr_files,
 )
@@ -85,14 +86,6 @@ def phases_command(args: list[str], capsys) -> tuple[int, str]:
     return status, capsys.readouterr().out
 
 
-def rewrite(paths, **attributes):
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-        ds.save_as(path)
-
-
 # ------------------------------------------------------------------------------- every style and layout
 @pytest.mark.slow
 @pytest.mark.parametrize(("style", "layout"), VARIANTS, ids=[f"{s}-{v}" for s, v in VARIANTS])
@@ -138,7 +131,7 @@ def test_every_problem_is_listed_at_once(root, tmp_path, capsys):
     dwi = sorted((study / truth.series_dirs["DWI"]).glob("*.dcm"))
     duplicate = dwi[0].parent / "IM_9000.dcm"
     shutil.copy(dwi[3], duplicate)  # the same slice position twice in DWI
-    rewrite([duplicate], SOPInstanceUID="1.2.3.4.5.6.7.9000", InstanceNumber=9000)
+    rewrite_dicom([duplicate], SOPInstanceUID="1.2.3.4.5.6.7.9000", InstanceNumber=9000)
 
     status, out = phases_command(["-i", str(study)], capsys)
     problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
@@ -155,8 +148,8 @@ def test_names_that_lie_do_not_override_attributes(root, tmp_path):
     study = tmp_path / "study"
     shutil.copytree(folder, study)
     arterial, venous = (sorted((study / truth.series_dirs[p]).glob("*.dcm")) for p in ("C+A", "C+V"))
-    rewrite(arterial, SeriesDescription=truth.series_descriptions["C+V"])
-    rewrite(venous, SeriesDescription=truth.series_descriptions["C+A"])
+    rewrite_dicom(arterial, SeriesDescription=truth.series_descriptions["C+V"])
+    rewrite_dicom(venous, SeriesDescription=truth.series_descriptions["C+A"])
     identification = identify(study)
     assert identification.problems == []
     assert chosen_instances(identification) == expected_instances(truth)
