@@ -47,7 +47,7 @@ import torch
 __all__ = [
     "METHODS",
     "TINY_OVERRIDES",
-    "pooled_training_dataset",
+    "pooled_dataset",
     "baseline_rows",
     "evaluate_checkpoint",
     "format_table",
@@ -79,7 +79,7 @@ TINY_OVERRIDES = {
 }
 
 
-def pooled_training_dataset(
+def pooled_dataset(
     site_roots: Mapping[str, str | os.PathLike],
     output_dir: str | os.PathLike,
     test_root: str | os.PathLike | None = None,
@@ -108,7 +108,7 @@ def pooled_training_dataset(
                     entry[key] = [str(rel / v) for v in value]
             entry.setdefault("site", site)
             sections[section].append(entry)
-    datalist = {"name": "pooled training cases", "labels": labels, **sections}
+    datalist = {"name": "pooled cases of every site", "labels": labels, **sections}
     tmp = out / ".datalist.json.tmp"
     tmp.write_text(json.dumps(datalist, indent=1))
     os.replace(tmp, out / "datalist.json")
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         spec_file.write_text(json.dumps(spec))
     site_roots = {s: data / s for s in args.sites}
     test_root = data / "pooled_test"
-    pooled = pooled_training_dataset(site_roots, data / "pooled_train", test_root)
+    pooled = pooled_dataset(site_roots, data / "pooled_train", test_root)
 
     # 2. the same initial weights for every model
     init_ckpt = work / "initial.pt"

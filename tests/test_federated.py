@@ -355,7 +355,7 @@ def test_compare_scores_models_and_baselines_on_one_pooled_test_split(fed_data, 
     from sklearn.metrics import f1_score
 
     sites = {s: fed_data[s] for s in SITES}
-    pooled = compare.pooled_training_dataset(sites, tmp_path / "pooled", fed_data["pooled_test"])
+    pooled = compare.pooled_dataset(sites, tmp_path / "pooled", fed_data["pooled_test"])
     datalist = json.loads((pooled / "datalist.json").read_text())
     site_cases = sum(len(json.loads((r / "datalist.json").read_text())["training"]) for r in sites.values())
     test = json.loads((fed_data["pooled_test"] / "datalist.json").read_text())["test"]
