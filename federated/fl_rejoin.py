@@ -102,7 +102,9 @@ def install_in_server_kit(server_dir: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{server_dir} is not an NVFlare server startup kit: no {resources[0]}")
     (local / "custom").mkdir(exist_ok=True)
     module = local / "custom" / Path(__file__).name
-    shutil.copyfile(__file__, module)
+    tmp = module.with_name(f".{module.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copyfile(__file__, tmp)
+    os.replace(tmp, module)
     for path in resources:
         if not path.is_file():
             continue
