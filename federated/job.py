@@ -436,8 +436,8 @@ def copy_global_checkpoint(ckpt: str | os.PathLike, dest: str | os.PathLike) -> 
 def share_cores(args: argparse.Namespace, parallel_sites: int) -> argparse.Namespace:
     """Sites on one machine (simulator, PoC): give each site's training process its share of the cores.
 
-    Each process otherwise starts torch's default thread pool of all cores; three such pools on two cores spend most
-    of their time in OpenMP spin-waits (measured: a 3-site round of the CPU-sized network took 20 s instead of 3.5 s).
+    Each process otherwise starts torch's default thread pool of all cores; three such pools on two cores wait on each
+    other (measured in federated/README.md, "Sites sharing one machine": a 6-round job took 110 s instead of 50 s).
     An explicit ``--site_threads`` wins.
     """
     if args.site_threads is None:
