@@ -10,7 +10,7 @@
 # limitations under the License.
 """Enhanced and Legacy Converted Enhanced MR images (one multi-frame file per series) as single-frame datasets.
 
-An Enhanced MR Image (PS3.3 A.36.2, C.8.13.1) or a Legacy Converted Enhanced MR Image (A.36.4) stores a whole
+An Enhanced MR Image (PS3.3 A.36.2, C.8.13.1) or a Legacy Converted Enhanced MR Image (A.71) stores a whole
 series, often several stacks or temporal positions, in one instance: what a classic MR image says in its own header
 (position, orientation, pixel spacing, echo and repetition time, ImageType, acquisition time, contrast) is in the
 Multi-frame Functional Groups (C.7.6.16): the Shared Functional Groups Sequence for what all frames share, the
@@ -33,7 +33,7 @@ Administration Profile Sequence
 
 Pixel Measures, Plane Position, Plane Orientation (C.7.6.16.2.1, .3, .4), MR Timing and Related Parameters
 (C.8.13.5.2), MR Diffusion (C.8.13.5.9), Pixel Value Transformation (C.7.6.16.2.9) and the Legacy Converted
-instances' Unassigned Shared / Per-frame Converted Attributes (C.7.6.16.2.26, .27) carry the classic keywords
+instances' Unassigned Shared / Per-frame Converted Attributes macros (C.7.6.16.2) carry the classic keywords
 already. The rest of the app (phase identification, volume assembly) then reads a multi-frame series exactly as a
 single-frame one; a frame's pixels are decoded from its instance, once for all frames.
 """
