@@ -214,6 +214,7 @@ def run_orthanc(root: Path, **settings) -> Iterator[OrthancServer]:
     plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
     if not plugin.is_file():
         pytest.fail(f"{plugin} is missing: apt-get install -y orthanc-dicomweb")
+    root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "lcadb-test",

@@ -193,12 +193,21 @@ def test_enhanced_mr_end_to_end(enhanced, deploy_model, dciodvfy, tmp_path, monk
     (dynamic_uid,) = {uid for uid, _ in frames["C+A"]}
     references = [
         item
-        for item in pydicom.dcmread(sr).iterall()
-        if getattr(item, "ReferencedSOPInstanceUID", None) == dynamic_uid and "ReferencedFrameNumber" in item
+        for item in _nested_items(pydicom.dcmread(sr))
+        if item.get("ReferencedSOPInstanceUID") == dynamic_uid and "ReferencedFrameNumber" in item
     ]
     assert references and all(int(item.ReferencedFrameNumber) in arterial for item in references)
     seg = pydicom.dcmread(attention)
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == dynamic_uid
+
+
+def _nested_items(ds):
+    """Every item of every sequence in ``ds``, depth first."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield item
+                yield from _nested_items(item)
 
 
 # ---------------------------------------------------------------------------------------------- transfer syntaxes
