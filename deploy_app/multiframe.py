@@ -40,7 +40,6 @@ single-frame one; a frame's pixels are decoded from its instance, once for all f
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -108,9 +107,16 @@ def _merge_group(target: Dataset, group: Dataset) -> None:
     for element in group:
         if element.VR == "SQ" and len(element.value) == 1:
             for inner in element.value[0]:
-                target[inner.tag] = copy.deepcopy(inner)
+                target[inner.tag] = inner
         else:
-            target[element.tag] = copy.deepcopy(element)
+            target[element.tag] = element
+
+
+def _replace(frame: Dataset, keyword: str, value) -> None:
+    """Set ``keyword`` on ``frame`` as a new element: the frame's other elements are its instance's own objects,
+    shared by every frame (copies would multiply an instance's large private headers by its frame count)."""
+    frame.pop(keyword, None)
+    setattr(frame, keyword, value)
 
 
 def _contrast(frame: Dataset, instance: Dataset) -> None:
@@ -125,7 +131,7 @@ def _contrast(frame: Dataset, instance: Dataset) -> None:
     }
     phases = [str(item.ContrastBolusAgentPhase) for item in items if item.get("ContrastBolusAgentPhase")]
     if phases and "ContrastBolusAgentPhase" not in frame:
-        frame.ContrastBolusAgentPhase = phases[0]
+        _replace(frame, "ContrastBolusAgentPhase", phases[0])
     if not administered:
         if items and any("ContrastBolusAgentAdministered" in item for item in items):
             frame.pop("ContrastBolusAgent", None)
@@ -133,27 +139,27 @@ def _contrast(frame: Dataset, instance: Dataset) -> None:
     for agent in instance.get("ContrastBolusAgentSequence", []):
         if int(agent.get("ContrastBolusAgentNumber", 0) or 0) not in administered:
             continue
-        frame.ContrastBolusAgent = str(agent.get("CodeMeaning", "") or "contrast agent")[:64]
+        _replace(frame, "ContrastBolusAgent", str(agent.get("CodeMeaning", "") or "contrast agent")[:64])
         for profile in agent.get("ContrastAdministrationProfileSequence", []):
             if profile.get("ContrastBolusStartTime"):
-                frame.ContrastBolusStartTime = profile.ContrastBolusStartTime
+                _replace(frame, "ContrastBolusStartTime", profile.ContrastBolusStartTime)
                 break
     if "ContrastBolusAgent" not in frame:
-        frame.ContrastBolusAgent = "contrast agent"
+        _replace(frame, "ContrastBolusAgent", "contrast agent")
 
 
 def _flatten(instance: Dataset, number: int, shared: Dataset | None, own: Dataset | None) -> FrameDataset:
     frame = FrameDataset(instance, number)
     for element in instance:
         if element.keyword not in _NOT_COPIED:
-            frame[element.tag] = copy.deepcopy(element)
+            frame[element.tag] = element
     for group in (shared, own):
         if group is not None:
             _merge_group(frame, group)
     for keyword, classic in _CLASSIC_NAMES.items():
         if keyword in frame and (classic not in frame or keyword in _OVERRIDING):
             value = frame.data_element(keyword).value
-            setattr(frame, classic, f"{value:.10g}" if keyword == "EffectiveEchoTime" else value)
+            _replace(frame, classic, f"{value:.10g}" if keyword == "EffectiveEchoTime" else value)
     _contrast(frame, instance)
     frame.file_meta = instance.file_meta
     if getattr(instance, "filename", None):
