@@ -454,6 +454,18 @@ def test_damage_in_a_phase_series_stops_the_run(root, tmp_path, capsys):
     assert any("phase(s) ['T2WI']" in p and "IM_0099.dcm" in p and "other content" in p for p in problems)
 
 
+def test_two_studies_in_one_folder_stop_the_run(root, tmp_path, capsys):
+    """Files of two studies are not a stray file: the run stops and names both studies."""
+    first, first_truth = held_out(root, "ge", "separate", distractors=False)
+    second, second_truth = held_out(root, "lldmmri", "separate", distractors=False)
+    study = tmp_path / "study"
+    shutil.copytree(first, study / "a")
+    shutil.copytree(second / second_truth.series_dirs["T2WI"], study / "b")
+    status, out = phases_command(["-i", str(study)], capsys)
+    assert status == 1 and "holds 2 studies, one is expected" in out
+    assert first_truth.study_instance_uid in out and second_truth.study_instance_uid in out
+
+
 # ---------------------------------------------------------------------------------------------- identity
 def test_content_identity_follows_what_shapes_the_content(root, deploy_model):  # noqa: F811
     """Same inputs, same UIDs; other lesions, boxes, phases, weights, device or app version: other UIDs."""

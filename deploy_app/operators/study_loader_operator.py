@@ -17,16 +17,18 @@ the phase identification splits such series into volumes and reports real duplic
 
 What is not needed does not stop the study; each such file is named once in a warning:
 
-- files that are not DICOM (no ``DICM`` prefix: ``README.txt``, ``Thumbs.db``, ``*.xml``), ``DICOMDIR`` and other
-  media directories, hidden files and ``*.json`` sidecars (the lesion box file);
+- files that are not DICOM (no ``DICM`` prefix: ``README.txt``, ``Thumbs.db``, ``*.xml``; not one named ``*.dcm``,
+  ``*.dicom`` or ``*.ima``, which is a damaged image), ``DICOMDIR`` and other media directories, hidden files and
+  ``*.json`` sidecars (the lesion box file);
 - byte-identical copies of one instance (the same file twice, e.g. from two exports);
 - damaged files (a corrupt header, truncated pixel data, the same SOP Instance UID with other content) and files
   in a transfer syntax no installed decoder reads: they are recorded against their series
   (:data:`FILE_PROBLEMS`); the phase identification stops the run, naming the file, when such a series serves a
   phase, and only warns otherwise.
 
-A damaged file whose series cannot be read from it at all, several studies in one folder, or a folder without a
-DICOM image still stop the run here, each file named.
+A damaged file whose series cannot be read from it at all (a file named as DICOM without the ``DICM`` prefix
+included), several studies in one folder, or a folder without a DICOM image still stop the run here, each file
+named.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..errors import StudyInputError
 from ..phase_identification import FILE_PROBLEMS
 
 __all__ = [
+    "DICOM_SUFFIXES",
     "FILE_PROBLEMS",
     "SIDECAR_SUFFIXES",
     "SKIPPED_FILES",
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 #: Files given with a study that are not DICOM (the lesion box file), skipped without a warning.
 SIDECAR_SUFFIXES = (".json",)
+#: File names that claim DICOM: such a file without the DICM prefix is damaged, not a stray file.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: Attribute of a loaded ``DICOMStudy``: the files skipped as not needed, each with the reason, in words.
 SKIPPED_FILES = "lcadb_skipped_files"
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -178,7 +183,13 @@ def read_study_folder(folder: Path) -> DICOMStudy:
             )
             continue
         if not is_dicom(path):
-            skipped.setdefault("not DICOM (no DICM prefix)", []).append(str(path))
+            if path.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM: a damaged image, perhaps of a phase
+                problems.append(
+                    f"{path} is not a DICOM file (no DICM prefix) although its name says so: corrupt or truncated, "
+                    "and its series cannot be told, so it may be one of the phases"
+                )
+            else:
+                skipped.setdefault("not DICOM (no DICM prefix)", []).append(str(path))
             continue
         ds, problem, series = _read(path)
         if ds is None:
