@@ -269,6 +269,33 @@ def test_every_transfer_syntax_decodes(name, root, tmp_path, dciodvfy):
         assert 0 < error.max() and error.mean() < 0.02 * float(np.ptp(original)), (error.max(), error.mean())
 
 
+@pytest.mark.slow
+def test_jpeg_lossless_study_end_to_end(root, deploy_model, dciodvfy, tmp_path, monkeypatch):  # noqa: F811
+    """A whole held-out study through dcmtk's ``dcmcjpeg`` (JPEG Lossless SV1, the PACS's most common lossless
+    syntax): the app gives the SR of the uncompressed study, UIDs included (same images, same content)."""
+    folder, truth = held_out(root, "canon", "separate")
+    study = tmp_path / "study"
+    shutil.copytree(folder, study)
+    transcode(mr_files(study), ["dcmcjpeg", "+e1"], "1.2.840.10008.1.2.4.70")
+    reports = {}
+    for name, source in (("uncompressed", folder), ("jpeg-lossless", study)):
+        out = tmp_path / f"out-{name}"
+        assert run_app(["-i", str(source), "-o", str(out), "-m", str(deploy_model)], monkeypatch=monkeypatch) == 0
+        assert dciodvfy_errors(dciodvfy, sr_files(out) + attention_files(out)) == []
+        (sr,) = sr_files(out)
+        reports[name] = pydicom.dcmread(sr)
+    assert reports["jpeg-lossless"].SOPInstanceUID == reports["uncompressed"].SOPInstanceUID
+    values = {
+        name: [
+            float(item.MeasuredValueSequence[0].NumericValue)
+            for item in _nested_items(ds)
+            if "MeasuredValueSequence" in item
+        ]
+        for name, ds in reports.items()
+    }
+    assert values["jpeg-lossless"] == values["uncompressed"] and len(values["uncompressed"]) == 8
+
+
 def test_undecodable_series_is_named_before_any_work(root, tmp_path):
     """Without pylibjpeg (as before it was a dependency), a JPEG Lossless SV1 phase series is named by ``phases``
     (exit 1) before any pixel is decoded; the same syntax in a series that serves no phase is only a warning."""
