@@ -30,6 +30,7 @@ from pydicom.sr.codedict import codes
 
 from .domain import MANUFACTURER, LesionResult, StudyResult
 from .lesion_codes import ATTENTION_CATEGORY, ATTENTION_TYPE
+from .multiframe import segmentation_sources
 from .uids import derived_uid
 
 __all__ = ["ATTENTION_DESCRIPTION", "attention_volume", "build_attention_seg", "segment_label"]
@@ -62,7 +63,6 @@ def build_attention_seg(study: StudyResult, series_number: int) -> hd.seg.Segmen
     """The fractional SEG holding every lesion's attention (see the module docstring); UIDs are derived from the
     study and the weights (:mod:`deploy_app.uids`), so a re-run replaces it."""
     volume = study.volume
-    study_uid = str(volume.reference_slices[0].StudyInstanceUID)
     shape = volume.spatial_shape
     z_lo = min(r.lesion.roi_origin[2] for r in study.lesions)
     z_hi = max(r.lesion.roi_origin[2] + r.lesion.roi.shape[3] for r in study.lesions)
@@ -81,20 +81,22 @@ def build_attention_seg(study: StudyResult, series_number: int) -> hd.seg.Segmen
             segmented_property_type=ATTENTION_TYPE,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=derived_uid(study_uid, study.weights_sha256, f"attention-tracking {result.lesion.lesion_id}"),
+            tracking_uid=derived_uid(study.content_identity, f"attention-tracking {result.lesion.lesion_id}"),
             tracking_id=segment_label(result.lesion.lesion_id),
         )
         for s, result in enumerate(study.lesions, start=1)
     ]
+    sources, positions = segmentation_sources(volume.reference_slices[z_lo:z_hi])
     seg = hd.seg.Segmentation(
-        source_images=volume.reference_slices[z_lo:z_hi],
+        source_images=sources,
+        plane_positions=positions,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(study_uid, study.weights_sha256, "attention-series"),
+        series_instance_uid=derived_uid(study.content_identity, "attention-series"),
         series_number=series_number,
-        sop_instance_uid=derived_uid(study_uid, study.weights_sha256, "attention-instance"),
+        sop_instance_uid=derived_uid(study.content_identity, "attention-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=study.model_name,

@@ -18,6 +18,7 @@ voxel index ``(x, y, z, 1)`` to DICOM patient coordinates (LPS, mm).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -45,6 +46,8 @@ class PhaseVolume:
             description, and the part of the series when a series holds several volumes (e.g.
             ``"series 12 't1_vibe_dynamic' [temporal position 2]"``). Empty when the volume was built without the
             phase selector.
+        phase_images: phase -> its images, ``"<SOPInstanceUID>"`` or ``"<SOPInstanceUID>:<frame number>"`` for a
+            frame of a multi-frame image, sorted (part of the run's content identity, :mod:`deploy_app.uids`).
     """
 
     image: np.ndarray
@@ -56,6 +59,7 @@ class PhaseVolume:
     source_datasets: list[Dataset]
     study_datasets: list[Dataset] = field(default_factory=list)
     phase_sources: dict[str, str] = field(default_factory=dict)
+    phase_images: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -118,3 +122,11 @@ class StudyResult:
     model_version: str
     weights_sha256: str
     device: str
+
+    @cached_property
+    def content_identity(self) -> str:
+        """The run's content identity, computed once (:func:`deploy_app.uids.content_identity`): every UID of what
+        the app writes is ``deploy_app.uids.derived_uid(study.content_identity, role)``."""
+        from .uids import content_identity
+
+        return content_identity(self)

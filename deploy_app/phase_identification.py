@@ -49,8 +49,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from .multiframe import frames_of
+
 __all__ = [
     "DYNAMIC_PHASES",
+    "FILE_PROBLEMS",
     "MIN_SCORE",
     "MIN_SLICES",
     "NAME_WEIGHT",
@@ -77,6 +80,9 @@ NAME_WEIGHT = 2.0
 MIN_SCORE = 3.0
 #: Evidence added by an explicit SeriesInstanceUID -> phase entry.
 OVERRIDE_WEIGHT = 100.0
+#: Attribute of a loaded ``DICOMSeries`` listing what is wrong with its files (damaged files left out, pixels no
+#: installed decoder reads), in words: a problem when the series serves a phase (the study loader sets it).
+FILE_PROBLEMS = "lcadb_file_problems"
 
 _MR_STORAGE = {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"}
 _GYROMAGNETIC_MHZ_PER_T = 42.577478
@@ -85,6 +91,14 @@ _FAT_WATER_PPM = 3.4
 # 60-80 s, delayed/transitional 3-5 min); the centre is preferred, the range is accepted
 _DELAY_WINDOWS = {"C+A": (35.0, 5.0, 60.0), "C+V": (75.0, 45.0, 150.0), "C+Delay": (180.0, 110.0, 900.0)}
 _ASSUMED_ARTERIAL_DELAY_S = 35.0
+# Contrast/Bolus Agent Phase (0018,9344) of the Enhanced MR Contrast/Bolus Usage macro (PS3.3 C.7.6.16.2.12)
+_AGENT_PHASES = {
+    "PRE_CONTRAST": "C-pre",
+    "ARTERIAL": "C+A",
+    "PORTAL_VENOUS": "C+V",
+    "VENOUS": "C+V",
+    "DELAYED": "C+Delay",
+}
 
 _MAP_TOKENS = {"ADC", "EADC", "FA", "EXP", "TRACE_ADC", "CALC_BVALUE", "T1_MAP", "T2_MAP", "FF", "R2STAR", "T2STAR_MAP"}
 _SUBTRACTION_TOKENS = {"SUB", "SUBTRACT", "SUBTRACTION"}
@@ -366,13 +380,15 @@ def _dixon_kind(tokens: set[str]) -> str:
 def image_sets_of_series(series, datasets: list[Dataset] | None = None) -> list[ImageSet]:
     """Split one series into image sets (one volume each).
 
-    Instances are told apart by what varies within the series: the ImageType (e.g. IN_PHASE / OPP_PHASE / WATER /
-    FAT, TRACEW / ADC), the echo time, the b-value, the TemporalPositionIdentifier or TriggerTime; when instances
-    still share a slice position, by their AcquisitionTime (a dynamic series without temporal identifiers).
+    The images are the series' single-frame instances and the frames of its Enhanced / Legacy Converted Enhanced
+    MR instances (:func:`deploy_app.multiframe.frames_of`). They are told apart by what varies within the series:
+    the ImageType or FrameType (e.g. IN_PHASE / OPP_PHASE / WATER / FAT, TRACEW / ADC), the echo time, the b-value,
+    the TemporalPositionIdentifier (TemporalPositionIndex) or TriggerTime, the stack (StackID); when images still
+    share a slice position, by their acquisition time (a dynamic series without temporal identifiers).
     """
-    datasets = list(
-        datasets if datasets is not None else (i.get_native_sop_instance() for i in series.get_sop_instances())
-    )
+    if datasets is None:
+        datasets = [frame for i in series.get_sop_instances() for frame in frames_of(i.get_native_sop_instance())]
+    datasets = list(datasets)
     if not datasets:
         return []
 
@@ -383,6 +399,7 @@ def image_sets_of_series(series, datasets: list[Dataset] | None = None) -> list[
             "b-value": lambda v: f"b={v:g}",
             "temporal position": lambda v: f"temporal position {v:g}",
             "trigger time": lambda v: f"trigger time {v:g} ms",
+            "stack": lambda v: f"stack {v}",
         }[name](value)
 
     keys = {
@@ -391,6 +408,7 @@ def image_sets_of_series(series, datasets: list[Dataset] | None = None) -> list[
         "b-value": lambda ds: round(b_value(ds) or 0.0, 0),
         "temporal position": lambda ds: _float(ds, "TemporalPositionIdentifier") or 0.0,
         "trigger time": lambda ds: round(_float(ds, "TriggerTime") or 0.0, 1),
+        "stack": lambda ds: str(ds.get("StackID", "") or ""),
     }
     varying = [name for name, key in keys.items() if len({key(ds) for ds in datasets}) > 1]
     if "temporal position" in varying and "trigger time" in varying:
@@ -475,6 +493,7 @@ class _Facts:
     dixon: str
     fat_sat: bool
     contrast: bool
+    agent_phase: str
     injection: dt.datetime | None
     time: dt.datetime | None
     field: float | None
@@ -482,19 +501,28 @@ class _Facts:
     normal: np.ndarray | None
 
 
+def _sequence_kinds(ds: Dataset) -> set[str]:
+    """ScanningSequence values (SE, GR, EP, ...); for an Enhanced MR image, which has none, the same read from its
+    MR Pulse Sequence module (PS3.3 C.8.13.4): EchoPulseSequence SPIN / GRADIENT / BOTH, EchoPlanarPulseSequence."""
+    value = ds.get("ScanningSequence")
+    if value:
+        return {str(v).upper() for v in ([value] if isinstance(value, str) else value)}
+    pulse = str(ds.get("EchoPulseSequence", "")).upper()
+    kinds = {"SE"} if pulse in ("SPIN", "BOTH") else set()
+    kinds |= {"GR"} if pulse in ("GRADIENT", "BOTH") else set()
+    return kinds | ({"EP"} if str(ds.get("EchoPlanarPulseSequence", "")).upper() == "YES" else set())
+
+
 def _facts(s: ImageSet) -> _Facts:
     ds = s.first
     tokens = set().union(*(_tokens(d) for d in s.datasets))
     te, tr = _float(ds, "EchoTime"), _float(ds, "RepetitionTime")
-    sequence = (
-        {str(v).upper() for v in (ds.get("ScanningSequence", []) or [])}
-        if not isinstance(ds.get("ScanningSequence"), str)
-        else {str(ds.ScanningSequence).upper()}
-    )
+    sequence = _sequence_kinds(ds)
     b_values = [b for b in (b_value(d) for d in s.datasets) if b is not None]
     b = max(b_values) if b_values else None
     diffusion = (
         bool(tokens & _DIFFUSION_TOKENS)
+        or str(ds.get("AcquisitionContrast", "")).upper() == "DIFFUSION"
         or (b is not None and b > 0)
         or ("EP" in sequence and "ep_b" in str(ds.get("SequenceName", "")))
     )
@@ -510,7 +538,8 @@ def _facts(s: ImageSet) -> _Facts:
     )
     options = ds.get("ScanOptions", "")
     options = {str(v).upper() for v in ([options] if isinstance(options, str) else options)}
-    fat_sat = bool(options & {"FS", "SFS", "FAT_SAT", "SPAIR", "SPIR", "CHEMSAT"})
+    suppression = str(ds.get("SpectrallySelectedSuppression", "")).upper()  # Enhanced MR, C.8.13.4
+    fat_sat = bool(options & {"FS", "SFS", "FAT_SAT", "SPAIR", "SPIR", "CHEMSAT"}) or "FAT" in suppression
     times = [t for t in (_acquisition_datetime(d) for d in s.datasets) if t is not None]
     return _Facts(
         te=te,
@@ -523,6 +552,7 @@ def _facts(s: ImageSet) -> _Facts:
         dixon=_dixon_kind(tokens),
         fat_sat=fat_sat,
         contrast=bool(str(ds.get("ContrastBolusAgent", "") or "").strip()),
+        agent_phase=str(ds.get("ContrastBolusAgentPhase", "") or "").upper(),
         injection=_injection_datetime(ds),
         time=min(times) if times else None,
         field=_field_strength(ds),
@@ -583,19 +613,31 @@ def _add_dixon_evidence(candidates: list[tuple[ImageSet, _Facts]]) -> set[int]:
 
 
 def _add_dynamic_evidence(candidates: list[tuple[ImageSet, _Facts]]) -> list[tuple[ImageSet, _Facts]]:
-    """Dynamic-phase evidence; returns the dynamic group (time order)."""
+    """Dynamic-phase evidence; returns the dynamic group's core: the largest set of T1 gradient-echo image sets
+    sharing one plane and matrix (time order).
+
+    A T1 gradient-echo set on its own grid (other matrix, field of view, slice thickness or orientation: a delayed
+    phase acquired separately) takes part in the timing too, but wherever a set of the core fits a phase's window
+    equally, the core's is preferred."""
     groups: dict[tuple, list[tuple[ImageSet, _Facts]]] = {}
     for s, f in candidates:
         groups.setdefault(f.plane, []).append((s, f))
     if not groups:
         return []
-    group = max(groups.values(), key=len)
-    if len(group) < 2:
+    core = max(groups.values(), key=len)
+    if len(core) < 2:
         return []
-    group.sort(key=lambda item: (item[1].time or dt.datetime.max, str(item[0].first.get("SeriesNumber", ""))))
+    in_core = {id(s) for s, _ in core}
+    group = sorted(
+        candidates, key=lambda item: (item[1].time or dt.datetime.max, str(item[0].first.get("SeriesNumber", "")))
+    )
+    core.sort(key=lambda item: (item[1].time or dt.datetime.max, str(item[0].first.get("SeriesNumber", ""))))
     for s, _ in group:
         for phase in DYNAMIC_PHASES:
-            s.add(phase, 2, f"T1 gradient echo sharing its plane and matrix with {len(group) - 1} other set(s)")
+            if id(s) in in_core:
+                s.add(phase, 2, f"T1 gradient echo sharing its plane and matrix with {len(core) - 1} other set(s)")
+            else:
+                s.add(phase, 1, "T1 gradient echo on its own grid (plane, matrix or pixel spacing of its own)")
 
     injection = next((f.injection for _, f in group if f.injection is not None), None)
     any_contrast = any(f.contrast for _, f in group)
@@ -607,6 +649,9 @@ def _add_dynamic_evidence(candidates: list[tuple[ImageSet, _Facts]]) -> list[tup
         if injection is not None and f.time is not None:
             return f.time >= injection
         return f.contrast
+
+    def off_grid(slot: list[tuple[ImageSet, _Facts]]) -> bool:
+        return all(id(s) not in in_core for s, _ in slot)
 
     if injection is None and (not any_contrast or (all_contrast and len(slots) >= 4)):
         # no injection time, and contrast attributes that cannot tell: the first acquisition is the mask
@@ -621,10 +666,11 @@ def _add_dynamic_evidence(candidates: list[tuple[ImageSet, _Facts]]) -> list[tup
             else "no ContrastBolusAgent, unlike the later dynamic acquisitions"
         )
     if pre:
-        for s, _ in pre[-1]:
+        mask = [slot for slot in pre if not off_grid(slot)] or pre
+        for s, _ in mask[-1]:
             s.add("C-pre", 5, pre_reason)
     if not post:
-        return group
+        return core
     if injection is None:
         start = post[0][0][1].time
         estimated = start - dt.timedelta(seconds=_ASSUMED_ARTERIAL_DELAY_S) if start else None
@@ -639,7 +685,7 @@ def _add_dynamic_evidence(candidates: list[tuple[ImageSet, _Facts]]) -> list[tup
             inside = [slot for slot in post if id(slot) not in taken and low <= delays[id(slot)] <= high]
             if not inside:
                 continue
-            best = min(inside, key=lambda slot: abs(delays[id(slot)] - centre))
+            best = min(inside, key=lambda slot: (off_grid(slot), abs(delays[id(slot)] - centre)))
             taken.add(id(best))
             for s, _ in best:
                 s.add(phase, 5, f"acquired {delays[id(best)]:.0f} s {how} (window {low:g}-{high:g} s)")
@@ -647,7 +693,7 @@ def _add_dynamic_evidence(candidates: list[tuple[ImageSet, _Facts]]) -> list[tup
         for phase, slot in zip(DYNAMIC_PHASES[1:], post):
             for s, _ in slot:
                 s.add(phase, 5, f"post-contrast dynamic number {DYNAMIC_PHASES.index(phase)} in time order")
-    return group
+    return core
 
 
 def _time_slots(group: list[tuple[ImageSet, _Facts]], tolerance_s: float = 2.0) -> list[list[tuple[ImageSet, _Facts]]]:
@@ -664,6 +710,10 @@ def _time_slots(group: list[tuple[ImageSet, _Facts]], tolerance_s: float = 2.0) 
 
 
 def _add_other_evidence(candidates: list[tuple[ImageSet, _Facts]], reference_normal: np.ndarray | None) -> None:
+    for s, f in candidates:
+        phase = _AGENT_PHASES.get(f.agent_phase)
+        if phase and f.t1_gre:
+            s.add(phase, 4, f"ContrastBolusAgentPhase {f.agent_phase} (Contrast/Bolus Usage functional group)")
     diffusion = [(s, f) for s, f in candidates if f.diffusion]
     highest = max((f.b or 0.0 for _, f in diffusion), default=0.0)
     for s, f in diffusion:
@@ -805,7 +855,7 @@ def identify_phases(
         ]
     dixon = _add_dixon_evidence(usable)
     dynamic = _add_dynamic_evidence([(s, f) for s, f in usable if f.t1_gre and id(s) not in dixon])
-    reference_normal = dynamic[0][1].normal if dynamic else None
+    reference_normal = dynamic[0][1].normal if dynamic else None  # the core of the dynamic group
     _add_other_evidence(usable, reference_normal)
     _add_name_evidence([s for s, _ in usable], rules)
     for s, _ in usable:
@@ -843,6 +893,12 @@ def identify_phases(
             )
     for phase, s in chosen.items():
         problems.extend(slice_problems(s.datasets, f"phase {phase!r} ({s.label})"))
+    serving: dict[int, list[str]] = {}
+    for phase, s in chosen.items():
+        serving.setdefault(id(s.series), []).append(phase)
+    for s in {id(s.series): s for s in chosen.values()}.values():
+        for message in getattr(s.series, FILE_PROBLEMS, []):
+            problems.append(f"phase(s) {serving[id(s.series)]} (series {s.first.get('SeriesNumber', '?')}): {message}")
     for s in chosen.values():
         logger.debug("evidence for %s: %s", s.label, s.evidence)
     return PhaseIdentification(phases, sets, chosen, problems)

@@ -10,8 +10,10 @@
 # limitations under the License.
 """``python -m deploy_app phases -i STUDY``: which image set of a study would serve each phase, and why.
 
-No model is needed. For every series (or volume of a series) it prints the phase chosen with its evidence and
-the runner-up, then one line per phase; then every problem, and exits with status 1 when there is any.
+No model is needed. It prints the files skipped as not needed, then for every series (or volume of a series) the
+phase chosen with its evidence and the runner-up, then one line per phase, the damaged or undecodable files of
+series that serve no phase; then every problem (a damaged or undecodable file in a phase's series is one), and
+exits with status 1 when there is any.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def main(argv: list[str]) -> int:
     """Run the command on ``argv`` (the arguments after ``phases``); returns the exit status."""
     from .bundle_access import ensure_bundle_scripts
     from .operators.phase_selector_operator import DEFAULT_RULES_FILE, load_phase_rules, load_series_phases
-    from .operators.study_loader_operator import read_study_folder
-    from .phase_identification import identify_phases
+    from .operators.study_loader_operator import SKIPPED_FILES, read_study_folder
+    from .phase_identification import FILE_PROBLEMS, identify_phases
 
     app_dir = Path(__file__).resolve().parent
     settings = _default_settings()
@@ -76,8 +78,15 @@ def main(argv: list[str]) -> int:
         return 1
     identification = identify_phases(study.get_all_series(), PHASES, rules, series_phases)
     print(f"study {study.StudyInstanceUID} ({args.input})")
+    for line in getattr(study, SKIPPED_FILES, []):
+        print(f"SKIPPED: {line}")
     for line in identification.report():
         print(line)
+    used = {id(s.series) for s in identification.chosen.values()}
+    for series in study.get_all_series():
+        if id(series) not in used:
+            for message in getattr(series, FILE_PROBLEMS, []):
+                print(f"WARNING (series {getattr(series, 'SeriesNumber', '?')} serves no phase): {message}")
     for problem in identification.problems:
         print(f"PROBLEM: {problem}")
     print(f"{len(identification.problems)} problem(s)." if identification.problems else "All 8 phases identified.")

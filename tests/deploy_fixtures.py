@@ -16,6 +16,7 @@ fixtures are imported into several modules, so they keep their results in this m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "orthanc",
     "require_tool",
     "run_app",
+    "run_orthanc",
     "run_app_subprocess",
     "sr_files",
 ]
@@ -203,14 +205,16 @@ class OrthancServer:
         return response
 
 
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory) -> Iterator[OrthancServer]:
-    """A real Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) with its own configuration and storage."""
+@contextlib.contextmanager
+def run_orthanc(root: Path, **settings) -> Iterator[OrthancServer]:
+    """A real Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) with its own configuration and storage under
+    ``root``; ``settings`` are added to its configuration (none: Orthanc's defaults, e.g. ``OverwriteInstances``
+    false)."""
     exe = require_tool("Orthanc")
     plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
     if not plugin.is_file():
         pytest.fail(f"{plugin} is missing: apt-get install -y orthanc-dicomweb")
-    root = tmp_path_factory.mktemp("orthanc")
+    root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "lcadb-test",
@@ -222,11 +226,11 @@ def orthanc(tmp_path_factory) -> Iterator[OrthancServer]:
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "DicomAlwaysAllowStore": True,
-        "OverwriteInstances": True,  # a re-sent instance (same SOP Instance UID) replaces the stored one
         "DicomCheckCalledAet": True,
         "Plugins": [str(plugin)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "SaveJobs": False,
+        **settings,
     }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w")  # noqa: SIM115 - closed at teardown
@@ -252,3 +256,10 @@ def orthanc(tmp_path_factory) -> Iterator[OrthancServer]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory) -> Iterator[OrthancServer]:
+    """An Orthanc of the test session that replaces a re-sent instance (``OverwriteInstances: true``)."""
+    with run_orthanc(tmp_path_factory.mktemp("orthanc"), OverwriteInstances=True) as server:
+        yield server

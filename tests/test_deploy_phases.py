@@ -220,7 +220,7 @@ def test_unknown_phase_in_series_map_is_refused():
         load_series_phases({"1.2.3": "Arterial"}, PHASES)
 
 
-def test_unreadable_files_are_all_named(root, tmp_path, capsys):
+def test_damaged_files_stop_the_run_where_they_may_matter(root, tmp_path, capsys):
     folder, truth = vendor_study(root, "philips", "separate", distractors=False)
     study = tmp_path / "study"
     shutil.copytree(folder, study)
@@ -234,12 +234,18 @@ def test_unreadable_files_are_all_named(root, tmp_path, capsys):
     truncated = sorted((study / truth.series_dirs["C+A"]).glob("*.dcm"))[5]
     truncated.write_bytes(truncated.read_bytes()[:-1000])
 
+    # a damaged file whose series cannot be read from it stops the loader; the text file is only skipped
     status, out = phases_command(["-i", str(study)], capsys)
     assert status == 1
-    assert f"{series / 'notes.txt'} is not a DICOM file" in out
-    assert f"{corrupt} has no SOPClassUID" in out
-    assert f"{truncated} has truncated pixel data" in out
-    assert "3 problem(s) with the study files" in out
+    assert f"{corrupt} has no SOPClassUID" in out and "its series cannot be told" in out
+    assert "1 problem(s) with the study files" in out and "notes.txt" not in out
+    # without it: the truncated file is named as a problem of the phase its series serves
+    corrupt.unlink()
+    status, out = phases_command(["-i", str(study)], capsys)
+    assert status == 1
+    assert f"SKIPPED: {series / 'notes.txt'}: not DICOM (no DICM prefix)" in out
+    (problem,) = [line for line in out.splitlines() if str(truncated) in line]
+    assert problem.startswith("PROBLEM: phase(s) ['C+A']") and "has truncated pixel data" in problem
 
 
 # ------------------------------------------------------------------------------------------ fail fast

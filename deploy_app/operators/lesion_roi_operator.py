@@ -37,10 +37,18 @@ from pydicom.dataset import Dataset
 
 from ..domain import MANUFACTURER, LesionROI, PhaseVolume
 from ..errors import StudyInputError
+from ..multiframe import frames_of
 from ..reader_sr import is_reader_measurement_sr, reader_boxes
 from .phase_volume_operator import series_geometry
 
-__all__ = ["BOX_FILE_NAME", "LesionROIOperator", "lesion_rois", "read_box_file", "segment_boxes"]
+__all__ = [
+    "BOX_FILE_NAME",
+    "LesionROIOperator",
+    "lesion_rois",
+    "read_box_file",
+    "segment_boxes",
+    "unreferenced_images",
+]
 
 #: Name of the lesion box file in the input folder.
 BOX_FILE_NAME = "lesion_boxes.json"
@@ -86,7 +94,7 @@ def read_box_file(path: Path, volume: PhaseVolume) -> list[tuple[str, tuple[int,
         raise StudyInputError(f"no lesion given: {path} lists no lesion.")
     series: dict[str, list[Dataset]] = {}
     for ds in volume.study_datasets:
-        series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+        series.setdefault(str(ds.SeriesInstanceUID), []).extend(frames_of(ds))
     out = []
     for n, entry in enumerate(entries, start=1):
         lesion_id = str(entry.get("id", f"L{n}")) if isinstance(entry, dict) else f"L{n}"
@@ -151,6 +159,17 @@ def segment_boxes(seg: Dataset, volume: PhaseVolume) -> list[tuple[str, tuple[in
     return out
 
 
+def unreferenced_images(seg: Dataset, study_datasets: list[Dataset]) -> list[str]:
+    """The SOP Instance UIDs a SEG's Referenced Series Sequence names that are not among ``study_datasets``."""
+    present = {str(ds.SOPInstanceUID) for ds in study_datasets}
+    return [
+        str(item.ReferencedSOPInstanceUID)
+        for series in seg.get("ReferencedSeriesSequence", [])
+        for item in series.get("ReferencedInstanceSequence", [])
+        if str(item.ReferencedSOPInstanceUID) not in present
+    ]
+
+
 def lesion_rois(volume: PhaseVolume, input_folder: Path | None) -> list[LesionROI]:
     """Crop one ROI per lesion (see the module docstring for where lesions come from).
 
@@ -184,6 +203,17 @@ def lesion_rois(volume: PhaseVolume, input_folder: Path | None) -> list[LesionRO
             found.append((lesion_id, box, where, None, None))
             sources[where] = report
     elif len(segs) == 1:
+        missing = unreferenced_images(segs[0], volume.study_datasets)
+        if missing:
+            logging.getLogger(__name__).warning(
+                "The lesion SEG %s references %d image(s) that are not in the study (e.g. %s): its segments are "
+                "placed by its own geometry in Frame of Reference %s, which the phases share; the SR cites a SEG whose "
+                "source images the PACS may not hold.",
+                getattr(segs[0], "filename", None) or segs[0].SOPInstanceUID,
+                len(missing),
+                ", ".join(missing[:3]),
+                volume.frame_of_reference_uid,
+            )
         found = [
             (lid, box, f"SEG segment {number}", segs[0], number) for lid, box, number in segment_boxes(segs[0], volume)
         ]

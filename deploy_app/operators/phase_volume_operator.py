@@ -33,6 +33,7 @@ from pydicom.pixels import apply_rescale
 
 from ..domain import PhaseVolume
 from ..errors import StudyInputError
+from ..multiframe import describe_image, frame_number, unique_instances
 
 __all__ = ["REFERENCE_PHASE", "PhaseVolumeOperator", "assemble_phases", "series_geometry", "series_volume"]
 
@@ -43,13 +44,15 @@ _ORIENTATION_TOL = 1e-3  # direction cosines
 _SPACING_TOL = 0.01  # relative slice-spacing variation accepted as regular
 
 
-def _describe(ds: Dataset) -> str:
-    return str(getattr(ds, "filename", None) or f"SOP instance {ds.SOPInstanceUID}")
+def _image_key(ds: Dataset) -> str:
+    number = frame_number(ds)
+    return str(ds.SOPInstanceUID) + (f":{number}" if number is not None else "")
 
 
 def series_geometry(datasets: list[Dataset], label: str) -> tuple[np.ndarray, list[Dataset]]:
-    """Affine (voxel index -> LPS mm) of one single-frame image series and its instances sorted by slice
-    (ascending along the slice normal); the pixel data is not read.
+    """Affine (voxel index -> LPS mm) of one image set and its images sorted by slice (ascending along the slice
+    normal); the pixel data is not read. The images are single-frame instances or frames of a multi-frame instance
+    (:func:`deploy_app.multiframe.frames_of`).
 
     ``label`` starts every error message, e.g. ``"phase 'C+A'"``.
 
@@ -63,18 +66,18 @@ def series_geometry(datasets: list[Dataset], label: str) -> tuple[np.ndarray, li
     for ds in datasets:
         for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
             if keyword not in ds:
-                raise StudyInputError(f"{label}: {_describe(ds)} has no {keyword}.")
+                raise StudyInputError(f"{label}: {describe_image(ds)} has no {keyword}.")
         if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-            raise StudyInputError(f"{label}: {_describe(ds)} is multi-frame; single-frame series are supported.")
+            raise StudyInputError(f"{label}: {describe_image(ds)} is a multi-frame image of an unsupported kind.")
         same_iop = np.allclose(
             np.asarray(ds.ImageOrientationPatient, float),
             np.asarray(first.ImageOrientationPatient, float),
             atol=_ORIENTATION_TOL,
         )
         if not same_iop or (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise StudyInputError(f"{label}: {_describe(ds)} differs in orientation or matrix from the series.")
+            raise StudyInputError(f"{label}: {describe_image(ds)} differs in orientation or matrix from the series.")
         if not np.allclose(np.asarray(ds.PixelSpacing, float), np.asarray(first.PixelSpacing, float)):
-            raise StudyInputError(f"{label}: {_describe(ds)} differs in pixel spacing from the series.")
+            raise StudyInputError(f"{label}: {describe_image(ds)} differs in pixel spacing from the series.")
 
     iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = iop[:3], iop[3:]
@@ -85,7 +88,7 @@ def series_geometry(datasets: list[Dataset], label: str) -> tuple[np.ndarray, li
     distances = steps @ normal
     if np.any(distances <= 1e-6):
         dup = ordered[int(np.argmin(distances)) + 1]
-        raise StudyInputError(f"{label}: two slices share one position ({_describe(dup)}).")
+        raise StudyInputError(f"{label}: two slices share one position ({describe_image(dup)}).")
     if np.ptp(distances) > _SPACING_TOL * float(np.mean(distances)):
         raise StudyInputError(
             f"{label}: slices are not evenly spaced (spacing {distances.min():.3f}..{distances.max():.3f} mm)."
@@ -113,7 +116,7 @@ def series_volume(datasets: list[Dataset], label: str) -> tuple[np.ndarray, np.n
         try:
             planes.append(np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float32))
         except Exception as err:  # pydicom raises several types for broken pixel data
-            raise StudyInputError(f"{label}: cannot decode the pixel data of {_describe(ds)}: {err}") from err
+            raise StudyInputError(f"{label}: cannot decode the pixel data of {describe_image(ds)}: {err}") from err
     volume = np.stack(planes, axis=0).transpose(2, 1, 0)  # [Z, rows, cols] -> [X=cols, Y=rows, Z]
     return np.ascontiguousarray(volume), affine, ordered
 
@@ -174,12 +177,13 @@ def assemble_phases(
         reference_slices=ref_slices,
         frame_of_reference_uid=reference_for,
         phase_series_uids={p: str(by_phase[p].SeriesInstanceUID) for p in phases},
-        source_datasets=[ds for p in phases for ds in datasets[p]],
+        source_datasets=unique_instances([ds for p in phases for ds in datasets[p]]),
         study_datasets=[
             inst.get_native_sop_instance()
             for series in study_selected_series.study.get_all_series()
             for inst in series.get_sop_instances()
         ],
+        phase_images={p: sorted(_image_key(ds) for ds in datasets[p]) for p in phases},
         phase_sources={
             p: by_phase[p].image_set.label for p in phases if getattr(by_phase[p], "image_set", None) is not None
         },

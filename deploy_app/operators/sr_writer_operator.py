@@ -77,6 +77,7 @@ from ..lesion_codes import (
     PERCENT,
     probability_code,
 )
+from ..multiframe import frame_numbers
 from ..uids import derived_uid, device_uid
 
 __all__ = [
@@ -110,7 +111,7 @@ def _polygon(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
 
 
 def _uid(study: StudyResult, role: str) -> str:
-    return derived_uid(str(study.volume.reference_slices[0].StudyInstanceUID), study.weights_sha256, role)
+    return derived_uid(study.content_identity, role)
 
 
 def tracking_identifier(lesion_id: str) -> str:
@@ -133,7 +134,9 @@ def _source(result: LesionResult, study: StudyResult) -> hd.sr.SourceImageForReg
     _, _, z0, _, _, z1 = result.lesion.box
     image = study.volume.reference_slices[(z0 + z1 - 1) // 2]
     return hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
+        referenced_sop_class_uid=image.SOPClassUID,
+        referenced_sop_instance_uid=image.SOPInstanceUID,
+        referenced_frame_numbers=frame_numbers(image),
     )
 
 
