@@ -80,6 +80,7 @@ import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from ..attention_seg import ATTENTION_LEVEL, build_attention_seg, segment_label
 from ..attention_seg import SERIES_DESCRIPTION as ATTENTION_SERIES_DESCRIPTION
@@ -151,8 +152,8 @@ def lesion_id_of(identifier: str) -> str:
     return identifier.removeprefix(VIEWER_TOOL_PREFIX)
 
 
-def _text(name, value: str, relationship=hd.sr.RelationshipTypeValues.CONTAINS) -> hd.sr.TextContentItem:
-    return hd.sr.TextContentItem(name=name, value=value, relationship_type=relationship)
+def _text(name: Code, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
 def _attention_words(result: LesionResult, item: LesionFindings) -> str:
@@ -165,9 +166,15 @@ def _attention_words(result: LesionResult, item: LesionFindings) -> str:
     )
 
 
-# position of each kind of item in a lesion group, for readers that render in document order
-_GROUP_ORDER = {COMMENT.value: 1, DIAGNOSIS.value: 2, CLASSIFICATION_MARGIN.value: 3, REGION_LOCATION.value: 6}
-_GROUP_ORDER[ATTENTION_REGION.value] = 7
+# position of each kind of item in a lesion group, by concept code, for readers that render in document order: the
+# tracking context, the label, the diagnosis and its flag, the probabilities (NUM in %), the size (NUM in mm), the words
+_GROUP_ORDER = {
+    COMMENT.value: 1,
+    DIAGNOSIS.value: 2,
+    CLASSIFICATION_MARGIN.value: 3,
+    REGION_LOCATION.value: 6,
+    ATTENTION_REGION.value: 7,
+}
 
 
 def _group_position(item: Dataset) -> int:
