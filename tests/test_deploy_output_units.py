@@ -99,3 +99,35 @@ def test_pacs_settings_refused_name_the_key():
         destinations_from_config(
             {"cstore": {"enabled": True, "host": "h", "port": 104, "called_ae_title": "P", "timeout": "x"}}
         )
+
+
+def test_stow_answer_refusing_sop_classes():
+    """A STOW-RS answer as PS3.18 (10.5.3) shapes it: the Failed SOP Sequence with failure reason 0x0122 refuses the
+    SR's and SEG's classes (the sender then sends the summary); another reason is a failure naming the instance."""
+    from pydicom.uid import ComprehensiveSRStorage, SegmentationStorage
+
+    from deploy_app.errors import PACSSendError
+    from deploy_app.operators.pacs_sender_operator import stow_outcome
+
+    sent = []
+    for uid, sop_class in (("1.2.3.1", SegmentationStorage), ("1.2.3.2", ComprehensiveSRStorage)):
+        ds = Dataset()
+        ds.SOPInstanceUID, ds.SOPClassUID = uid, sop_class
+        sent.append(ds)
+
+    def answer(reasons: list[int]) -> Dataset:
+        failed = []
+        for ds, reason in zip(sent, reasons, strict=True):
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+            item.FailureReason = reason
+            failed.append(item)
+        response = Dataset()
+        response.FailedSOPSequence = failed
+        return Dataset.from_json(response.to_json_dict())  # as dicomweb-client reads a DICOM JSON body
+
+    delivery = stow_outcome(answer([0x0122, 0x0122]), sent, "STOW-RS test")
+    assert delivery.stored == [] and set(delivery.refused) == {SegmentationStorage, ComprehensiveSRStorage}
+    assert stow_outcome(Dataset(), sent, "STOW-RS test").stored == ["1.2.3.1", "1.2.3.2"]  # 200: all stored
+    with pytest.raises(PACSSendError, match=r"STOW-RS test: the server refused instances .*1\.2\.3\.2: 0xa700"):
+        stow_outcome(answer([0x0122, 0xA700]), sent, "STOW-RS test")

@@ -67,6 +67,7 @@ __all__ = [
     "destinations_from_config",
     "retry_policy_from_config",
     "send_to_all",
+    "stow_outcome",
     "summary_mode_from_config",
 ]
 
@@ -181,8 +182,9 @@ class StowRsDestination:
         return f"STOW-RS {self.url}"
 
     def send(self, datasets: list[Dataset], timeout: float | None = None) -> Delivery:
-        """STOW-RS ``datasets`` in one request; the SOP classes the server refuses (failure reason 0x0122) are
-        reported. ``timeout`` (default: the destination's) bounds connecting and waiting for the answer.
+        """STOW-RS ``datasets`` in one request; the SOP classes the server refuses (failure reason 0x0122, in a 202
+        or 409 answer) are reported. ``timeout`` (default: the destination's) bounds connecting and waiting for the
+        answer.
 
         Raises:
             DestinationUnavailable: no connection, a timeout or an HTTP 5xx/408/429 answer.
@@ -197,27 +199,48 @@ class StowRsDestination:
         client = DICOMwebClient(url=self.url, session=session, timeout=self.timeout if timeout is None else timeout)
         client.set_http_retry_params(retry=False)  # attempts and their total time are the caller's (RetryPolicy)
         try:
-            response = client.store_instances(datasets=list(datasets))
+            answer = client.store_instances(datasets=list(datasets))
         except (requests.ConnectionError, requests.Timeout) as err:
             raise DestinationUnavailable(f"{self}: destination down: {type(err).__name__}: {err}") from err
         except requests.HTTPError as err:
             code = err.response.status_code if err.response is not None else 0
+            refusal = _json_answer(err.response) if code == 409 else None  # 409: none stored, reasons in the body
+            if refusal is not None and refusal.get("FailedSOPSequence"):
+                return stow_outcome(refusal, datasets, str(self))
             error = DestinationUnavailable if code >= 500 or code in (408, 429) else PACSSendError
             raise error(f"{self}: HTTP {code}: {err}") from err
-        delivery = Delivery(stored=[str(ds.SOPInstanceUID) for ds in datasets])
-        others = []
-        for item in (response.get("FailedSOPSequence") if response is not None else None) or []:
-            reason = int(getattr(item, "FailureReason", 0) or 0)
-            uid = str(getattr(item, "ReferencedSOPInstanceUID", ""))
-            if uid in delivery.stored:
-                delivery.stored.remove(uid)
-            if reason == _SOP_CLASS_NOT_SUPPORTED:
-                delivery.refused[str(item.ReferencedSOPClassUID)] = "STOW-RS failure reason 0x0122"
-            else:
-                others.append(f"{uid}: {reason:#06x}")
-        if others:
-            raise PACSSendError(f"{self}: the server refused instances (failure reasons {others}).")
-        return delivery
+        return stow_outcome(answer, datasets, str(self))
+
+
+def _json_answer(response) -> Dataset | None:
+    """The DICOM JSON body of an HTTP answer, or None when it has none."""
+    try:
+        return Dataset.from_json(response.json())
+    except ValueError:  # not JSON (an XML or HTML body): no reasons to read
+        return None
+
+
+def stow_outcome(answer: Dataset | None, datasets: list[Dataset], where: str) -> Delivery:
+    """What a STOW-RS answer (PS3.18 store instances response: 200, 202 or 409) says of ``datasets``: every instance
+    not in its Failed SOP Sequence was stored; failure reason 0x0122 refuses the instance's SOP class.
+
+    Raises:
+        PACSSendError: naming the instances refused for another reason and the reasons.
+    """
+    delivery = Delivery(stored=[str(ds.SOPInstanceUID) for ds in datasets])
+    others = []
+    for item in (answer.get("FailedSOPSequence") if answer is not None else None) or []:
+        reason = int(getattr(item, "FailureReason", 0) or 0)
+        uid = str(getattr(item, "ReferencedSOPInstanceUID", ""))
+        if uid in delivery.stored:
+            delivery.stored.remove(uid)
+        if reason == _SOP_CLASS_NOT_SUPPORTED:
+            delivery.refused[str(item.ReferencedSOPClassUID)] = "STOW-RS failure reason 0x0122"
+        else:
+            others.append(f"{uid}: {reason:#06x}")
+    if others:
+        raise PACSSendError(f"{where}: the server refused instances (failure reasons {others}).")
+    return delivery
 
 
 @dataclass(frozen=True)
