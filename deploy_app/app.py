@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""LCA-DB liver lesion classification: an 8-phase MRI study in, a TID 1500 Comprehensive 3D SR out (to PACS)."""
+"""LCA-DB liver lesion classification: an 8-phase MRI study in, a TID 1500 SR, an attention SEG, a summary page and
+key objects out (to PACS)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ from .operators import (
     StudyLoaderOperator,
 )
 from .operators.inference_operator import DEFAULT_BATCH_SIZE
-from .operators.pacs_sender_operator import destinations_from_config, retry_policy_from_config
+from .operators.pacs_sender_operator import (
+    destinations_from_config,
+    retry_policy_from_config,
+    summary_mode_from_config,
+)
 from .operators.phase_selector_operator import DEFAULT_RULES_FILE
 from .preflight import check_model_package, check_output_folder, timed_stage
 
@@ -73,6 +78,8 @@ class LCADBDeployApp(Application):
         check_model_package(model_path)
         check_output_folder(output_path)
         destinations = destinations_from_config(self.kwargs("pacs"))
+        retry_policy = retry_policy_from_config(self.kwargs("pacs"))
+        summary_mode = summary_mode_from_config(self.kwargs("pacs"))
         ensure_bundle_scripts()
         from scripts.constants import PHASES
 
@@ -115,7 +122,8 @@ class LCADBDeployApp(Application):
             pacs_sender_op = timed_stage(PACSSenderOperator)(
                 self,
                 destinations=destinations,
-                retry_policy=retry_policy_from_config(self.kwargs("pacs")),
+                retry_policy=retry_policy,
+                summary_mode=summary_mode,
                 name="pacs_sender_op",
             )
             self.add_flow(sr_writer_op, pacs_sender_op, {("output_paths", "output_paths")})

@@ -222,7 +222,7 @@ def time_stages(study: Path, model_path: Path) -> dict[str, float]:
     from deploy_app.operators.lesion_roi_operator import lesion_rois
     from deploy_app.operators.phase_selector_operator import DEFAULT_RULES_FILE, load_phase_rules, select_phases
     from deploy_app.operators.phase_volume_operator import assemble_phases
-    from deploy_app.operators.sr_writer_operator import build_outputs, write_dicom
+    from deploy_app.operators.sr_writer_operator import build_outputs, write_outputs
     from deploy_app.operators.study_loader_operator import read_study_folder
 
     rules = load_phase_rules(DEFAULT_RULES_FILE, PHASES)
@@ -235,7 +235,7 @@ def time_stages(study: Path, model_path: Path) -> dict[str, float]:
     lesions, t_infer = _timed(classify_lesions, model, rois, batch)
     result = StudyResult(lesions, volume, model.class_names, model.name, model.version, model.weights_sha256, "")
     with tempfile.TemporaryDirectory() as out:
-        _, t_sr = _timed(lambda: [write_dicom(ds, Path(out), str(n)) for n, ds in enumerate(build_outputs(result))])
+        _, t_sr = _timed(lambda: write_outputs(build_outputs(result), Path(out)))
     return {
         "model_loading": t_model,
         "loading": t_load,

@@ -17,15 +17,17 @@ voxel index ``(x, y, z, 1)`` to DICOM patient coordinates (LPS, mm).
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 __all__ = ["MANUFACTURER", "LesionResult", "LesionROI", "PhaseVolume", "StudyResult"]
 
-#: Manufacturer of what the app writes (SR, attention SEG).
+#: Manufacturer of what the app writes (SR, attention SEG, summary page, key object selection).
 MANUFACTURER = "LCA-DB MONAI plugin contributors"
 
 
@@ -130,3 +132,16 @@ class StudyResult:
         from .uids import content_identity
 
         return content_identity(self)
+
+    def written_by(self, timestamp: datetime.datetime) -> dict[str, Any]:
+        """Keyword arguments of every highdicom object the app writes for this result: the app as manufacturer, the
+        model as model name and software version, and ``timestamp`` as series and content date and time."""
+        return {
+            "manufacturer": MANUFACTURER,
+            "manufacturer_model_name": self.model_name,
+            "software_versions": self.model_version,
+            "series_date": timestamp.date(),
+            "series_time": timestamp.time(),
+            "content_date": timestamp.date(),
+            "content_time": timestamp.time(),
+        }

@@ -43,25 +43,43 @@ confused with the group's finding type (DCM 121071 "Finding" = Lesion).
 The per-class probabilities are NUM items whose concept names are local codes of the private coding
 scheme ``99LCADB`` ("Probability of <class>"): no standard concept says "probability of focal nodular
 hyperplasia". Their code value carries the SNOMED CT identifier of the class, so a reader can map back.
+
+Also local (no standard concept fits): the low-margin flag (the predicted class leads the next one by less than
+:data:`LOW_MARGIN_PERCENT` percentage points), the location of a lesion's region in words, the network attention,
+and the research-use disclaimer. Every object that uses a ``99LCADB`` code declares the scheme
+(:func:`local_coding_scheme`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.coding import Code
+
+from .domain import MANUFACTURER
 
 __all__ = [
     "ATTENTION_CATEGORY",
+    "ATTENTION_REGION",
     "ATTENTION_TYPE",
+    "CLASSIFICATION_MARGIN",
+    "COMMENT",
     "DIAGNOSIS",
+    "DISCLAIMER",
+    "IMPRESSION",
     "LESION_CODES",
     "LOCAL_SCHEME_DESIGNATOR",
     "LOCAL_SCHEME_NAME",
+    "LOW_MARGIN",
+    "LOW_MARGIN_PERCENT",
     "NO_UNITS",
-    "PEAK_ATTENTION",
     "PERCENT",
+    "QUALITATIVE_EVALUATIONS",
+    "REGION_LOCATION",
+    "SHORT_NAMES",
     "class_for_code",
+    "local_coding_scheme",
     "probability_code",
     "validate_codes",
 ]
@@ -77,6 +95,18 @@ LESION_CODES: Mapping[str, Code] = {
     "hepatocellular_carcinoma": Code("109841003", "SCT", "Liver cell carcinoma"),
 }
 
+#: Class name -> the short name radiologists use, for labels and the impression (a viewer's measurement list shows two
+#: lines of a label; "Focal nodular hyperplasia of liver 24.78 %" does not fit). The coded meaning stays in the SR.
+SHORT_NAMES: Mapping[str, str] = {
+    "hepatic_hemangioma": "hemangioma",
+    "intrahepatic_cholangiocarcinoma": "ICC",
+    "hepatic_abscess": "abscess",
+    "hepatic_metastasis": "metastasis",
+    "hepatic_cyst": "cyst",
+    "focal_nodular_hyperplasia": "FNH",
+    "hepatocellular_carcinoma": "HCC",
+}
+
 #: Concept name of the predicted class (see the module docstring).
 DIAGNOSIS = Code("439401001", "SCT", "Diagnosis")
 
@@ -90,15 +120,41 @@ NO_UNITS = Code("1", "UCUM", "no units")
 PERCENT = Code("%", "UCUM", "percent")
 
 #: The network's attention map (a model explanation, not an anatomical finding): local codes, as no standard concept
-#: names a saliency map. Used as the finding type of the SR's attention group and as the attention SEG's segmented
-#: property category and type.
+#: names a saliency map. The attention SEG's segmented property category and type.
 ATTENTION_CATEGORY = Code("EXPLANATION", LOCAL_SCHEME_DESIGNATOR, "Model explanation")
 ATTENTION_TYPE = Code("ATTENTION", LOCAL_SCHEME_DESIGNATOR, "Network attention map")
-#: NUM of the attention group: the share (%) of the attention on the most-attended patch (mean of IA-Net and PA-Net).
-PEAK_ATTENTION = Code("ATTENTION-PEAK", LOCAL_SCHEME_DESIGNATOR, "Peak network attention")
+
+#: TEXT of a lesion group that web viewers take as the measurement's label: OHIF 3.13's SR viewport lists every
+#: Comment first among a TID 1501 group's labels, and the tracked measurement's label is the group's first Comment
+#: (see deploy_app/operators/sr_writer_operator.py for the files that do it).
+COMMENT = Code("121106", "DCM", "Comment")
+#: TID 1500 row 12: the report-level qualitative evaluations, holding the impression and the disclaimer.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+IMPRESSION = Code("121073", "DCM", "Impression")
+DISCLAIMER = Code("DISCLAIMER", LOCAL_SCHEME_DESIGNATOR, "Disclaimer")
+
+#: A lesion whose predicted class leads the next one by less than this many percentage points gets the low-margin
+#: flag (SR qualitative evaluation, impression, summary page). 10 points: the issue that asked for the flag cites a
+#: lesion coded as metastasis at 36 % against 32 % and 29 %; a 7-class softmax that close to uniform is a guess.
+LOW_MARGIN_PERCENT = 10.0
+CLASSIFICATION_MARGIN = Code("MARGIN", LOCAL_SCHEME_DESIGNATOR, "Classification margin")
+LOW_MARGIN = Code(
+    "LOW-MARGIN", LOCAL_SCHEME_DESIGNATOR, f"Low: next class within {LOW_MARGIN_PERCENT:g} percentage points"
+)
+#: TEXT of a lesion group: the series, image and slice its region is drawn on, in words.
+REGION_LOCATION = Code("REGION-LOCATION", LOCAL_SCHEME_DESIGNATOR, "Region location")
+#: TEXT of a lesion group: where the network's attention for the lesion is (the attention SEG's segment).
+ATTENTION_REGION = Code("ATTENTION-REGION", LOCAL_SCHEME_DESIGNATOR, "Network attention")
 
 _MAX_MEANING = 64  # Code Meaning (0008,0104) is LO: at most 64 characters
 _MAX_VALUE = 16  # Code Value (0008,0100) is SH: at most 16 characters
+
+
+def local_coding_scheme() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification Sequence item declaring ``99LCADB``, for every object that uses its codes."""
+    return CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME_DESIGNATOR, name=LOCAL_SCHEME_NAME, responsible_organization=MANUFACTURER
+    )
 
 
 def probability_code(class_name: str) -> Code:
@@ -137,6 +193,9 @@ def validate_codes(class_names: tuple[str, ...] | list[str]) -> None:
     missing = [name for name in class_names if name not in LESION_CODES]
     if missing:
         raise ValueError(f"lesion classes without a SNOMED CT code in deploy_app/lesion_codes.py: {missing}.")
+    unnamed = [name for name in class_names if name not in SHORT_NAMES]
+    if unnamed:
+        raise ValueError(f"lesion classes without a short name in deploy_app/lesion_codes.py: {unnamed}.")
     seen: dict[str, str] = {}
     for name, code in LESION_CODES.items():
         for concept in (code, probability_code(name)):

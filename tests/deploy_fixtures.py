@@ -158,8 +158,9 @@ def rewrite_dicom(paths, **attributes) -> None:
 
 
 def sr_files(folder: Path) -> list[Path]:
-    """Every file left in an output folder (hidden ones included) but the finished attention SEG."""
-    return [p for p in _all_files(folder) if not p.name.startswith("attention-")]
+    """Every file left in an output folder (hidden ones included) but the finished attention SEG, summary page and
+    key object selection."""
+    return [p for p in _all_files(folder) if not p.name.startswith(("attention-", "summary-", "key-images-"))]
 
 
 def attention_files(folder: Path) -> list[Path]:

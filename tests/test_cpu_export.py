@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from deploy_fixtures import BUNDLE_ROOT, deploy_model, generated_study, run_app, sr_files  # noqa: F401 - fixtures
@@ -83,7 +82,7 @@ def _sr_findings(path: Path) -> tuple[str, list[tuple[str, str, dict[str, float]
 
     from deploy_app.lesion_codes import DIAGNOSIS
 
-    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    sr = hd.sr.srread(path)  # whichever SR class the app writes
     (observer,) = [item.value for item in sr.content[0].ContentSequence if item.name == codes.DCM.DeviceObserverUID]
     findings = []
     for group in sr.content.get_image_measurement_groups(finding_type=codes.SCT.Lesion):

@@ -25,7 +25,6 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
     APP_DIR,
     BUNDLE_ROOT,
     app_env,
-    attention_files,
     deploy_model,
     generated_study,
     require_tool,
@@ -33,6 +32,14 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
     run_app,
     run_app_subprocess,
     sr_files,
+)
+from deploy_outputs import (
+    box_on_key_image,
+    check_attention_seg,
+    check_dicom,
+    check_key_objects,
+    check_summary_page,
+    output_file,
 )
 
 pytestmark = pytest.mark.slow
@@ -62,12 +69,22 @@ def copy_study(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
 def check_sr(
     path: Path, truth, model_path: Path, study_folder: Path, dciodvfy: str, boxes_from_truth: bool = True
 ) -> dict:
-    """Validate one SR file (``dciodvfy``: the conftest fixture's path); returns {lesion id: predicted class}."""
+    """Validate one SR file and the attention SEG, summary page and key object selection beside it (``dciodvfy``:
+    the conftest fixture's path); returns {lesion id: predicted class}."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     from deploy_app.bundle_access import load_model
-    from deploy_app.lesion_codes import ATTENTION_TYPE, DIAGNOSIS, PEAK_ATTENTION, class_for_code
+    from deploy_app.lesion_codes import (
+        CLASSIFICATION_MARGIN,
+        COMMENT,
+        DIAGNOSIS,
+        IMPRESSION,
+        LOW_MARGIN_PERCENT,
+        REGION_LOCATION,
+        SHORT_NAMES,
+        class_for_code,
+    )
     from deploy_app.operators.sr_writer_operator import (
         MANUFACTURER,
         SERIES_DESCRIPTION,
@@ -76,14 +93,9 @@ def check_sr(
         lesion_id_of,
     )
 
-    verified = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
-    report = verified.stdout + verified.stderr
-    assert "Comprehensive3DSR" in report
-    assert [line for line in report.splitlines() if line.startswith("Error")] == [], report
+    ds = check_dicom(path, dciodvfy, "Comprehensive3DSR")
     dsrdump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=120)
     assert dsrdump.returncode == 0 and "Imaging Measurement Report" in dsrdump.stdout, dsrdump.stderr
-
-    ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert ds.StudyInstanceUID == truth.study_instance_uid
     assert ds.VerificationFlag == "UNVERIFIED" and ds.CompletionFlag == "COMPLETE"
@@ -103,9 +115,6 @@ def check_sr(
         for item in series.ReferencedSOPSequence
     }
     images = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study_folder.rglob("*.dcm")}
-    (attention_file,) = attention_files(path.parent)
-    attention = check_attention_seg(attention_file, truth, dciodvfy)
-    assert evidence == images | {attention.SOPInstanceUID}  # the 8 phases, the SEG when it was used, the attention
 
     def containers(item):
         if item.ValueType == "CONTAINER":
@@ -114,21 +123,19 @@ def check_sr(
             yield from containers(child)
 
     assert {c.ContinuityOfContent for c in containers(ds)} == {"SEPARATE"}  # dsr2html renders each item labelled
-    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    sr = hd.sr.srread(path)
     observer = [item.value for item in sr.content[0].ContentSequence if item.name == codes.DCM.DeviceObserverUID]
     assert observer == [device_uid(model.weights_sha256)]
-    all_groups = sr.content.get_image_measurement_groups()  # TID 1501 only
-    groups = [g for g in all_groups if g.finding_type == codes.SCT.Lesion]
-    attention_groups = [g for g in all_groups if g.finding_type == ATTENTION_TYPE]
-    assert len(groups) == len(attention_groups) == len(truth.lesions) == len(all_groups) // 2
-    assert {g.finding_type for g in groups} == {codes.SCT.Lesion}
-    assert {g.finding_type for g in attention_groups} == {ATTENTION_TYPE}
-    reference = {
-        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-        for p in (study_folder / truth.series_dirs["C+A"]).glob("*.dcm")
-    }
-    predicted, uids = {}, set()
-    for n, (group, attention_group, lesion) in enumerate(zip(groups, attention_groups, truth.lesions, strict=True)):
+    all_groups = sr.content.get_image_measurement_groups()  # TID 1501: what OHIF tracks (sr_writer_operator.py)
+    groups = sr.content.get_image_measurement_groups(finding_type=codes.SCT.Lesion)
+    assert len(groups) == len(all_groups) == len(truth.lesions)  # no attention group any more: the SEG holds it
+    reference_series = [
+        pydicom.dcmread(p, stop_before_pixels=True) for p in (study_folder / truth.series_dirs["C+A"]).glob("*.dcm")
+    ]
+    reference = {image.SOPInstanceUID for image in reference_series}
+    spacing = [float(v) for v in reference_series[0].PixelSpacing]  # row, column
+    predicted, uids, key_images = {}, set(), set()
+    for group, lesion in zip(groups, truth.lesions, strict=True):
         assert group.tracking_identifier.startswith(VIEWER_TOOL_PREFIX) and group.tracking_uid  # OHIF tracks it
         lesion_id = lesion_id_of(group.tracking_identifier)
         uids.add(group.tracking_uid)
@@ -136,34 +143,61 @@ def check_sr(
         (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
         name = class_for_code(diagnosis.value.value, diagnosis.value.scheme_designator)
         measurements = group.get_measurements()
-        probabilities = {class_for_code(m.name.value, m.name.scheme_designator): m.value for m in measurements}
+        probabilities = {
+            class_for_code(m.name.value, m.name.scheme_designator): m.value for m in measurements if m.unit.value == "%"
+        }
         assert set(probabilities) == set(model.class_names)
-        assert all(m.unit.value == "%" and m.unit.scheme_designator == "UCUM" for m in measurements)
         assert sum(probabilities.values()) == pytest.approx(100.0, abs=0.05)
-        # the predicted class first (a viewer's first label), then descending
+        # the predicted class first (a viewer's first NUM label), then descending
         assert (
             class_for_code(measurements[0].name.value, "99LCADB") == name == max(probabilities, key=probabilities.get)
         )
-        assert [m.value for m in measurements] == sorted(probabilities.values(), reverse=True)
+        assert [m.value for m in measurements[: len(probabilities)]] == sorted(probabilities.values(), reverse=True)
+        ranked = sorted(probabilities.values(), reverse=True)
+        flags = group.get_qualitative_evaluations(name=CLASSIFICATION_MARGIN)
+        assert len(flags) == (1 if ranked[0] - ranked[1] < LOW_MARGIN_PERCENT else 0)
         # the lesion's one region, in the first NUM (INFERRED FROM), where a viewer tracking the measurement finds it
         (region,) = measurements[0].referenced_coordinates
         assert region.RelationshipType == "INFERRED FROM" and region.GraphicType == "POLYLINE"
-        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in reference
+        key_image = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert key_image in reference
+        key_images.add(key_image)
         scoords = [item for item in _walk(group[0]) if getattr(item, "ValueType", None) == "SCOORD"]
-        assert len(scoords) == 1  # the attention is not a region of the lesion
-        x0, y0 = region.value[0]
-        x1, y1 = region.value[2]
+        assert len(scoords) == 1  # nothing else is drawn as part of the lesion
+        x0, y0, x1, y1 = box_on_key_image(region)
         if boxes_from_truth:
             np.testing.assert_allclose([x0, y0, x1, y1], np.asarray(lesion.box_voxels)[[0, 1, 3, 4]], atol=1)
-        # the attention: its own named group with the most-attended patch, and this lesion's segment of the SEG
-        assert lesion_id_of(attention_group.tracking_identifier) == f"{lesion_id} attention"
-        (peak,) = attention_group.get_measurements()
-        assert peak.name == PEAK_ATTENTION and 0 < peak.value <= 100 and peak.unit.value == "%"
-        (patch,) = peak.referenced_coordinates
-        assert patch.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in reference
-        assert attention.SegmentSequence[n].SegmentLabel == f"Attention {lesion_id}"
+        # the size of that box in mm (long and short axis), and where it is in words
+        sizes = {m.name.meaning: m.value for m in measurements if m.unit.value == "mm"}
+        sides = sorted(((x1 - x0) * spacing[1], (y1 - y0) * spacing[0]), reverse=True)
+        assert [sizes["Long axis"], sizes["Short axis"]] == pytest.approx(sides, abs=0.06)
+        # reading order: the label (a viewer's measurement label), the diagnosis, then the probabilities
+        items = list(group[0].ContentSequence)
+        contains = [item for item in items if item.RelationshipType == "CONTAINS"]
+        assert contains[0].ConceptNameCodeSequence[0].CodeValue == COMMENT.value
+        assert contains[1].ConceptNameCodeSequence[0].CodeValue == DIAGNOSIS.value
+        label = str(contains[0].TextValue)
+        assert label.startswith(f"{lesion_id}: {SHORT_NAMES[name]} {probabilities[name]:.2f} %"), label
+        (location,) = [
+            str(i.TextValue) for i in items if i.ConceptNameCodeSequence[0].CodeValue == REGION_LOCATION.value
+        ]
+        assert location.startswith(f"series {reference_series[0].SeriesNumber} "), location
         predicted[lesion_id] = name
     assert len(uids) == len(groups)
+    # the report's impression and disclaimer, before the measurements (dsr2html renders in document order)
+    root = list(ds.ContentSequence)
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in root if item.ValueType == "CONTAINER"]
+    assert names == ["C0034375", "126010"]  # Qualitative Evaluations, then Imaging Measurements
+    texts = {item.ConceptNameCodeSequence[0].CodeValue: str(item.TextValue) for item in root[-2].ContentSequence}
+    assert texts[IMPRESSION.value].startswith(f"{len(truth.lesions)} lesion")
+    for lesion_id, name in predicted.items():
+        assert f"{lesion_id} {SHORT_NAMES[name]}" in texts[IMPRESSION.value]
+    assert "not for clinical use" in texts["DISCLAIMER"].lower()
+
+    attention = check_attention_seg(output_file(path.parent, "attention-"), truth, dciodvfy, list(predicted))
+    assert evidence == images | {attention.SOPInstanceUID}  # the 8 phases, the SEG when it was used, the attention
+    page = check_summary_page(output_file(path.parent, "summary-"), truth, dciodvfy)
+    check_key_objects(output_file(path.parent, "key-images-"), truth, dciodvfy, key_images, page)
     return predicted
 
 
@@ -171,24 +205,6 @@ def _walk(item):
     for child in item.get("ContentSequence", []):
         yield child
         yield from _walk(child)
-
-
-def check_attention_seg(path: Path, truth, dciodvfy: str):
-    """The attention SEG: valid (dciodvfy), fractional, one segment per lesion on the C+A images, peak 1."""
-    import highdicom as hd
-
-    verified = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
-    report = verified.stdout + verified.stderr
-    assert "Segmentation" in report
-    assert [line for line in report.splitlines() if line.startswith("Error")] == [], report
-    ds = pydicom.dcmread(path)
-    assert ds.SegmentationType == "FRACTIONAL" and ds.StudyInstanceUID == truth.study_instance_uid
-    seg = hd.seg.Segmentation.from_dataset(ds)
-    assert seg.number_of_segments == len(truth.lesions)
-    for number in seg.segment_numbers:
-        values = seg.get_volume(segment_numbers=[number], combine_segments=False).array
-        assert values.max() == pytest.approx(1.0) and values.min() == 0.0
-    return ds
 
 
 @pytest.mark.parametrize("name", sorted(STUDIES))

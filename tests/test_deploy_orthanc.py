@@ -100,6 +100,8 @@ def test_study_from_orthanc_to_sr_back_into_orthanc(orthanc, deploy_model, tmp_p
     assert attention_ref == orthanc.get(f"/instances/{seg_instance}").json()["MainDicomTags"]["SOPInstanceUID"]
     qido = orthanc.get(f"/dicom-web/studies/{truth.study_instance_uid}/series?Modality=SR").json()
     assert len(qido) == 1
+    # Orthanc takes the SR and the SEG, so the summary page and key objects (pacs.summary: fallback) are not sent
+    assert {s["MainDicomTags"]["Modality"] for s in all_series} == {"MR", "SEG", "SR"}
     for route, ds in sent.items():
         back = hd.sr.Comprehensive3DSR.from_dataset(stored)
         groups = back.content.get_image_measurement_groups(finding_type=codes.SCT.Lesion)
@@ -137,6 +139,7 @@ def test_every_destination_is_attempted_and_failures_reported(orthanc, deploy_mo
     assert f"Attempt 1 at {where} failed" in log and "retrying in 0.2 s" in log and "retrying in 0.4 s" in log
     (failure,) = [line for line in log.splitlines() if "LCA-DB app failed" in line]
     assert "1 of 2 PACS destinations failed" in failure and where in failure and "(3 attempts)" in failure
+    assert "destination down" in failure and "rejected SOP class" not in log
     assert "STOW-RS" not in failure
     (sr,) = sr_files(out)  # the SR itself is complete and kept
     uid = pydicom.dcmread(sr).SOPInstanceUID

@@ -115,22 +115,24 @@ def test_lesions_from_a_readers_measurement_sr(deploy_model, dciodvfy, tmp_path,
 
     from deploy_app.operators.sr_writer_operator import lesion_id_of
 
-    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+    sr = hd.sr.srread(sr_path)
     lesions = [g for g in sr.content.get_image_measurement_groups() if g.finding_type == codes.SCT.Lesion]
     for group, lesion in zip(lesions, truth.lesions, strict=True):
         (region,) = group.get_measurements()[0].referenced_coordinates
         (x0, y0), (x1, y1) = region.value[0], region.value[2]
         np.testing.assert_allclose([x0, y0, x1, y1], np.asarray(lesion.box_voxels)[[0, 1, 3, 4]], atol=1.5)
 
-    # run again on the study as the PACS would give it back, holding this run's SR and attention SEG: those are
-    # never lesion sources, so the same three lesions come out
+    # run again on the study as the PACS would give it back, holding everything this run wrote (SR, attention SEG,
+    # summary page, key objects): none is a lesion source or a phase, so the same three lesions come out
     (attention,) = attention_files(out)
     shutil.copy(sr_path, study / "series_900" / "previous-result.dcm")
     shutil.copy(attention, study / "series_900" / "previous-attention.dcm")
+    for prefix in ("summary-", "key-images-"):
+        shutil.copy(next(out.glob(f"{prefix}*.dcm")), study / "series_900" / f"previous-{prefix}.dcm")
     again = tmp_path / "again"
     assert run_app(["-i", str(study), "-o", str(again), "-m", str(deploy_model)], monkeypatch=monkeypatch) == 0
     (second,) = sr_files(again)
-    groups = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(second)).content.get_image_measurement_groups()
+    groups = hd.sr.srread(second).content.get_image_measurement_groups()
     assert [lesion_id_of(g.tracking_identifier) for g in groups if g.finding_type == codes.SCT.Lesion] == list(
         predicted
     )

@@ -13,6 +13,7 @@ rendered DOM), and the deterministic UIDs that let a PACS replace a re-run's res
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -31,10 +32,13 @@ from deploy_fixtures import (  # noqa: F401 - fixtures
 pytestmark = pytest.mark.slow
 
 
+SHOTS = Path(os.environ["LCADB_OHIF_SHOTS"]) if os.environ.get("LCADB_OHIF_SHOTS") else None
+
+
 @pytest.fixture(scope="module")
 def study_and_sr(tmp_path_factory, deploy_model):  # noqa: F811
     root = tmp_path_factory.mktemp("sr_view")
-    folder, truth = generated_study(root, "sr-view", seed=31, naming_style="siemens", num_lesions=2)
+    folder, truth = generated_study(root, "sr-view", seed=31, naming_style="siemens", num_lesions=3)
     out = root / "out"
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert run_app(["-i", str(folder), "-o", str(out), "-m", str(deploy_model)], monkeypatch=monkeypatch) == 0
@@ -47,22 +51,33 @@ def _text(html: str) -> str:
 
 
 def test_dsr2html_in_headless_chromium(study_and_sr, tmp_path):
-    """dsr2html (dcmtk, unchanged) renders each probability beside its class name and the diagnosis; Chromium
-    (the Debian package, headless) renders that page, and what it rendered says the same."""
+    """dsr2html (dcmtk, unchanged) renders, as Chromium (the Debian package, headless) shows it: the impression
+    first, then per lesion its short name, the diagnosis before the probabilities, the low-margin flag, the size and
+    the series and slice of its region, all inline; highdicom finds the 3 lesion groups with their regions."""
     import highdicom as hd
     from PIL import Image
     from pydicom.sr.codedict import codes
 
-    from deploy_app.lesion_codes import DIAGNOSIS, LESION_CODES, class_for_code
-    from deploy_app.operators.sr_writer_operator import attention_identifier, lesion_id_of
+    from deploy_app.findings import DISCLAIMER_TEXT
+    from deploy_app.lesion_codes import (
+        DIAGNOSIS,
+        LESION_CODES,
+        LOW_MARGIN,
+        LOW_MARGIN_PERCENT,
+        SHORT_NAMES,
+        class_for_code,
+    )
+    from deploy_app.operators.sr_writer_operator import lesion_id_of
 
-    _, truth, sr_path = study_and_sr
+    folder, truth, sr_path = study_and_sr
+    reference = pydicom.dcmread(next((folder / truth.series_dirs["C+A"]).glob("*.dcm")), stop_before_pixels=True)
     html = tmp_path / "sr.html"
     rendered = subprocess.run([require_tool("dsr2html"), str(sr_path), str(html)], capture_output=True, text=True)
     assert rendered.returncode == 0, rendered.stderr
     chromium = require_tool("chromium")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
-    screenshot = tmp_path / "sr.png"
+    screenshot = (SHOTS or tmp_path) / "sr-dsr2html.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
     shot = subprocess.run(
         [chromium, *flags, f"--screenshot={screenshot}", "--window-size=1000,1400", html.as_uri()],
         capture_output=True, text=True, timeout=120,
@@ -75,23 +90,42 @@ def test_dsr2html_in_headless_chromium(study_and_sr, tmp_path):
     dom = subprocess.run([chromium, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     text = _text(dom.stdout)
-    assert "Imaging Measurement Report" in text and "Measurement Group" in text
+    body = text.split(" Annex Annex 1 ")[0]  # what is shown inline, before the annexes (long texts)
+    assert "Imaging Measurement Report" in body and "Measurement Group" in body
 
-    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
-    groups = [g for g in sr.content.get_image_measurement_groups() if g.finding_type == codes.SCT.Lesion]
-    assert len(groups) == len(truth.lesions)
-    page_order = []
+    # the impression and the disclaimer come first, before any lesion
+    impression = body.index("Impression:")
+    assert impression < body.index("Measurement Group") and impression < body.index("Probability of")
+    assert body[impression:].startswith(f"Impression: {len(truth.lesions)} lesions classified")
+    assert DISCLAIMER_TEXT in body
+
+    sr = hd.sr.srread(sr_path)
+    groups = sr.content.get_image_measurement_groups(finding_type=codes.SCT.Lesion)
+    assert len(groups) == len(truth.lesions) == 3
+    position = body.index("Measurement Group")
     for group in groups:
         (diagnosis,) = group.get_qualitative_evaluations(name=DIAGNOSIS)
         name = class_for_code(diagnosis.value.value, "SCT")
-        for measurement in group.get_measurements():
-            # "Probability of liver cell carcinoma: 87.31 %": the class name beside its value and unit
-            label = f"{measurement.name.meaning}: {measurement.value:g} %"
-            assert label in text, label
-            page_order.append(text.index(label, page_order[-1] if page_order else 0))
-        assert f"Diagnosis: {LESION_CODES[name].meaning} ({LESION_CODES[name].value}, SCT)" in text
-        assert attention_identifier(lesion_id_of(group.tracking_identifier)) in text  # dsr2html annexes long texts
-    assert page_order == sorted(page_order)  # each lesion's probabilities in the document's order
+        measurements = group.get_measurements()
+        (region,) = measurements[0].referenced_coordinates  # highdicom finds the lesion's region
+        assert region.GraphicType == "POLYLINE"
+        lesion_id = lesion_id_of(group.tracking_identifier)
+        # short name, diagnosis, flag, probabilities, size, where: in this order, inline
+        label = f"Comment: {lesion_id}: {SHORT_NAMES[name]} {measurements[0].value:.2f} %"
+        order = [body.index(label, position)]
+        order.append(
+            body.index(f"Diagnosis: {LESION_CODES[name].meaning} ({LESION_CODES[name].value}, SCT)", order[-1])
+        )
+        margin = measurements[0].value - measurements[1].value
+        if margin < LOW_MARGIN_PERCENT:
+            order.append(body.index(f"Classification margin: {LOW_MARGIN.meaning}", order[-1]))
+        for measurement in measurements:
+            # "Probability of liver cell carcinoma: 87.31 %", "Long axis: 24.0 mm" (the value as the SR stores it)
+            pattern = rf"{re.escape(measurement.name.meaning)}: {measurement.value:g}(\.0)? {measurement.unit.value}"
+            order.append(re.compile(pattern).search(body, order[-1]).start())
+        order.append(body.index(f"Region location: series {reference.SeriesNumber} ", order[-1]))
+        assert order == sorted(order), order
+        position = order[-1]
     assert not re.search(r"\d 1 \d", text)  # no bare "0.0743 1 0.3549 1" run of values
 
 
