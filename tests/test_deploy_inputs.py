@@ -293,7 +293,8 @@ def test_jpeg_lossless_study_end_to_end(root, deploy_model, dciodvfy, tmp_path, 
         ]
         for name, ds in reports.items()
     }
-    assert values["jpeg-lossless"] == values["uncompressed"] and len(values["uncompressed"]) == 8
+    # 7 probabilities, then the long and short axis of the lesion box
+    assert values["jpeg-lossless"] == values["uncompressed"] and len(values["uncompressed"]) == 9
 
 
 def test_undecodable_series_is_named_before_any_work(root, tmp_path):
