@@ -249,7 +249,7 @@ class ResilientFedAvg(FedAvg):
     - ends a round once every site has answered, or ``wait_time_after_min_received`` seconds after the first
       ``min_clients`` answers, or after ``round_timeout`` seconds (so a hung site cannot block the job), or when
       NVFlare deems every site still awaited disconnected (its job reported dead, e.g. a restarted client, see
-      fl_rejoin.py), and drops every site that did not answer, naming it and the limit or the disconnection;
+      fl_kits.py), and drops every site that did not answer, naming it and the limit or the disconnection;
     - logs a site's error report (``meta[SITE_ERROR_KEY]``, sent by client.py, e.g. missing data, naming the site
       and the path) or its NVFlare error code, drops that site from later rounds, and aggregates the others;
     - stops the job with a clear error when fewer than ``min_clients`` sites delivered a model in a round;
@@ -497,7 +497,7 @@ class ResilientFedAvg(FedAvg):
                 continue
             if disconnect_time(site):
                 # NVFlare ends a task early once every site it still waits for is deemed disconnected: a dead-job
-                # report (a lost job process, a restarted client: fl_rejoin.py) plus its dead-client grace period
+                # report (a lost site, a restarted client: fl_kits.py) plus its dead-client grace period
                 self._mark_failed(site, "no result; NVFlare deemed it disconnected (its job was reported dead)")
                 continue
             limit = (

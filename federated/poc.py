@@ -53,13 +53,13 @@ def poc_project(
     server_kit: dict[str, Any] | None = None,
     site_policy: dict[str, Any] | None = None,
 ) -> dict:
-    """A PoC project: server ``localhost`` (loopback-only listener) on ``port``, one client per site, one admin, and
-    the kit builders of the production project (fl_kits.py). Provisioning it imports ``fl_kits`` (this folder must be
-    on ``sys.path``).
+    """A PoC project: server ``localhost`` (loopback-only listeners) on ``port`` (admin port ``port + 1``), one client
+    per site, one admin, and the kit builders of the production project (fl_kits.py). Provisioning it imports
+    ``fl_kits`` (this folder must be on ``sys.path``).
 
     Args:
         sites: client names.
-        port: server port on 127.0.0.1. Defaults to 8002.
+        port: server port on 127.0.0.1; the admin port is the next one. Defaults to 8002.
         name: project name. Defaults to "lcadb_poc".
         server_kit: ``fl_kits.ServerKitBuilder`` arguments (e.g. ``lost_site_after``). Defaults to None (its
             defaults).
@@ -72,7 +72,14 @@ def poc_project(
     if len(set(sites)) != len(sites) or not sites:
         raise ValueError(f"sites must be distinct and not empty, got {list(sites)}.")
     participants = [
-        {"name": LOOPBACK, "type": "server", "org": "lcadb", "fed_learn_port": int(port), "default_host": LOOPBACK},
+        {
+            "name": LOOPBACK,
+            "type": "server",
+            "org": "lcadb",
+            "fed_learn_port": int(port),
+            "admin_port": int(port) + 1,  # NVFlare's default 8003 would be shared by every PoC on this machine
+            "default_host": LOOPBACK,
+        },
         {"name": POC_ADMIN, "type": "admin", "org": "lcadb", "role": "project_admin"},
     ] + [{"name": site, "type": "client", "org": "lcadb"} for site in sites]
     builders = [
@@ -111,7 +118,7 @@ def write_poc_project(
 def build_poc_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(parents=[job.build_arg_parser()], conflict_handler="resolve", description=__doc__)
     p.add_argument("--poc_workspace", default="/tmp/nvflare/lcadb_poc", help="PoC workspace (startup kits, logs)")
-    p.add_argument("--port", type=int, default=8002, help="server port on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8002, help="server port on 127.0.0.1 (admin port: the next one)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     p.add_argument("--keep_poc", action="store_true", help="leave the PoC workspace on disk")
     p.add_argument(
