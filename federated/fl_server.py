@@ -17,6 +17,7 @@ Written for NVFlare 2.9 (the recipe API changed in 2.7).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -24,8 +25,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_snapshot import RunSnapshot
+from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_common.app_constant import AlgorithmConstants, DefaultCheckpointFileName
@@ -37,16 +42,23 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
 __all__ = [
     "SITE_ERROR_KEY",
+    "SNAPSHOT_COMPONENT",
+    "SUMMARY_FILE",
     "BundleCheckpointPersistor",
     "LiveSitesCrossSiteModelEval",
     "ResilientFedAvg",
     "LCADBFedAvgRecipe",
     "failed_sites_of_job",
     "fedopt_sgd_step",
+    "weights_digest",
 ]
 
 #: Meta key of a training result that carries a site's error report instead of weights (set by client.py).
 SITE_ERROR_KEY = "lcadb_site_error"
+#: Component id of :class:`ResilientFedAvg`'s state in the server's snapshot storage (one ``RunSnapshot`` per job).
+SNAPSHOT_COMPONENT = "lcadb_resilient_fedavg"
+#: File in the server app folder (downloaded with the job result) naming the rounds done and the sites left out.
+SUMMARY_FILE = "lcadb_job_summary.json"
 #: State-dict suffixes of BatchNorm running statistics: averaged by FedOpt, not treated as gradients.
 _STATISTICS_SUFFIXES = ("running_mean", "running_var")
 #: Sites that failed during training, per job id: the training controller and the evaluation controller that
@@ -57,6 +69,21 @@ _FAILED_SITES: dict[str, dict[str, str]] = {}
 def failed_sites_of_job(job_id: str) -> dict[str, str]:
     """``{site: reason}`` of the sites :class:`ResilientFedAvg` left out during the job ``job_id``."""
     return dict(_FAILED_SITES.get(job_id, {}))
+
+
+def weights_digest(weights: dict[str, Any]) -> str:
+    """A short fingerprint of a model's floating-point weights (sha256 over the sorted keys and float32 values).
+
+    The same for the server's global model (numpy arrays) and for the bundle checkpoint it writes (tensors), so a log
+    line can say which model a job resumed from and anyone can check it against a saved ``model.pt``.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        array = _to_numpy(weights[key])
+        if np.issubdtype(array.dtype, np.floating):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def fedopt_sgd_step(update: dict[str, Any], velocity: dict[str, Any], lr: float, momentum: float) -> dict[str, Any]:
@@ -195,6 +222,10 @@ class BundleCheckpointPersistor(PTFileModelPersistor):
             _atomic_write(self.bundle_config_path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def _to_numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+
+
 def _atomic_write(path: str, write) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -218,10 +249,18 @@ class ResilientFedAvg(FedAvg):
     - ends a round once every site has answered, or ``wait_time_after_min_received`` seconds after the first
       ``min_clients`` answers, or after ``round_timeout`` seconds (so a hung site cannot block the job), or when
       NVFlare deems every site still awaited disconnected (its job reported dead, e.g. a restarted client, see
-      fl_rejoin.py), and drops every site that did not answer, naming it and the limit or the disconnection;
+      fl_kits.py), and drops every site that did not answer, naming it and the limit or the disconnection;
     - logs a site's error report (``meta[SITE_ERROR_KEY]``, sent by client.py, e.g. missing data, naming the site
       and the path) or its NVFlare error code, drops that site from later rounds, and aggregates the others;
-    - stops the job with a clear error when fewer than ``min_clients`` sites delivered a model in a round.
+    - stops the job with a clear error when fewer than ``min_clients`` sites delivered a model in a round;
+    - after every round, writes its state (round, global model, FedOpt/SCAFFOLD state, sites left out) as a
+      ``RunSnapshot`` to the server's snapshot storage (``snapshot_persistor`` in the server kit's resources), so a
+      server restarted after a crash resumes the job at the next round (``fl_kits.JobResumer``); and writes
+      :data:`SUMMARY_FILE` (rounds done, sites per round, sites left out and why) into the server app folder.
+
+    NVFlare 2.9 itself no longer snapshots a job: ``ServerEngine.persist_components`` is a no-op since HA was removed
+    (NVFlare PR #4503, nvflare/private/fed/server/server_engine.py) and nothing calls
+    ``JobRunner.restore_running_job``; so this controller writes its own snapshot through the same storage API.
 
     Args:
         min_clients: fewest successful site results a round needs. Defaults to 1.
@@ -270,8 +309,116 @@ class ResilientFedAvg(FedAvg):
         self.wait_time_after_min_received = wait_time_after_min_received
         self.round_timeout = round_timeout
         self.failed_sites: dict[str, str] = {}
+        self._failed_round: dict[str, int] = {}
         self._round_targets: list[str] = []
         self._round_answered: set[str] = set()
+        self._round_delivered: list[str] = []
+        self._rounds: list[dict[str, Any]] = []
+        self._resumed: list[dict[str, Any]] = []
+        self._resume_state: dict[str, Any] | None = None
+
+    def run(self) -> None:
+        """FedAvg's rounds, resumed after the last snapshotted round when the job has a snapshot (the server kit's
+        ``JobResumer`` requeued it after a crash and deletes the snapshot when the job ends: fl_kits.py)."""
+        self._resume_state = self._read_snapshot()
+        if self._resume_state:
+            self.start_round = self._resume_state["round"] + 1
+            self.num_rounds = max(0, self._resume_state["num_rounds"] - self.start_round)
+        super().run()
+        if not self.abort_signal.triggered:
+            self._write_summary(finished=True)
+
+    def load_model(self) -> FLModel:
+        """The initial model from the persistor, or on resume the snapshot's global model (persisted at once, so the
+        job's checkpoint files hold it even when no round is left)."""
+        model = super().load_model()
+        state = self._resume_state
+        if not state or model is None:
+            return model
+        model.params = dict(state["params"])
+        self._velocity = dict(state.get("velocity") or {})
+        self._global_controls = dict(state.get("global_controls") or {})
+        self._rounds = list(state.get("rounds") or [])
+        resumed = {"at_round": self.start_round, "snapshot_round": state["round"], "snapshot_of": state["job_id"]}
+        self._resumed = [*state.get("resumed", []), resumed]
+        for site, info in (state.get("left_out") or {}).items():
+            self.failed_sites[site] = info["reason"]
+            self._failed_round[site] = info["round"]
+            _FAILED_SITES.setdefault(self.fl_ctx.get_job_id(), {})[site] = info["reason"]
+        self.warning(
+            f"Job {self.fl_ctx.get_job_id()} resumes at round {self.start_round} of {state['num_rounds']} from the "
+            f"snapshot of job {state['job_id']} after round {state['round']} (global model digest "
+            f"{weights_digest(model.params)}; sites left out before: {sorted(self.failed_sites) or 'none'})"
+        )
+        super().save_model(model)
+        return model
+
+    def save_model(self, model: FLModel) -> None:
+        """Persist the global model (NVFlare's persistor), then snapshot the job and update the summary."""
+        super().save_model(model)
+        self._rounds.append({"round": self.current_round, "sites": sorted(self._round_delivered)})
+        self._write_snapshot(model)
+        self._write_summary(finished=False)
+
+    def _snapshot_persistor(self):
+        """The server kit's snapshot persistor (``snapshot_persistor`` in its resources), or None (simulator)."""
+        return getattr(self.engine, "snapshot_persistor", None)
+
+    def _read_snapshot(self) -> dict[str, Any] | None:
+        """This job's snapshot or, for a job cloned from another (``fl_kits.JobResumer`` after a server crash, or
+        ``nvflare job clone``), that job's snapshot; None for a fresh start."""
+        persistor = self._snapshot_persistor()
+        if persistor is None:
+            return None
+        meta = self.fl_ctx.get_prop(FLContextKey.JOB_META) or {}
+        for job_id in (self.fl_ctx.get_job_id(), meta.get(JobMetaKey.CLONED_FROM.value)):
+            try:
+                snapshot = persistor.retrieve_run(job_id) if job_id else None
+            except Exception:  # noqa: BLE001 - StorageException when that job has none
+                continue
+            state = snapshot.get_component_snapshot(SNAPSHOT_COMPONENT) if snapshot is not None else None
+            if state:
+                return {**state, "job_id": job_id}
+        return None
+
+    def _write_snapshot(self, model: FLModel) -> None:
+        persistor = self._snapshot_persistor()
+        if persistor is None:
+            return
+        snapshot = RunSnapshot(self.fl_ctx.get_job_id())
+        snapshot.set_component_snapshot(
+            SNAPSHOT_COMPONENT,
+            {
+                "round": self.current_round,
+                "num_rounds": self.start_round + self.num_rounds,
+                "params": {k: _to_numpy(v) for k, v in model.params.items()},
+                "velocity": {k: _to_numpy(v) for k, v in self._velocity.items()},
+                "global_controls": {k: _to_numpy(v) for k, v in self._global_controls.items()},
+                "left_out": self._left_out(),
+                "rounds": self._rounds,
+                "resumed": self._resumed,
+            },
+        )
+        persistor.save(snapshot)
+        self.info(f"Round {self.current_round}: job snapshot saved (the job resumes from here after a server restart)")
+
+    def _left_out(self) -> dict[str, dict[str, Any]]:
+        return {site: {"round": self._failed_round[site], "reason": r} for site, r in self.failed_sites.items()}
+
+    def _write_summary(self, finished: bool) -> None:
+        app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT)
+        if not app_root:
+            return
+        summary = {
+            "job_id": self.fl_ctx.get_job_id(),
+            "num_rounds": self.start_round + self.num_rounds,
+            "rounds_finished": finished,
+            "rounds": self._rounds,
+            "left_out": self._left_out(),
+            "resumed": self._resumed,
+        }
+        text = json.dumps(summary, indent=2) + "\n"
+        _atomic_write(os.path.join(app_root, SUMMARY_FILE), lambda tmp: Path(tmp).write_text(text))
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         connected = [client.name for client in self.engine.get_clients()]
@@ -282,7 +429,7 @@ class ResilientFedAvg(FedAvg):
                 f"{self.failed_sites}), fewer than min_clients={self.min_clients}."
             )
         self.info(f"Round {self.current_round}: training on sites {clients}")
-        self._round_targets, self._round_answered = list(clients), set()
+        self._round_targets, self._round_answered, self._round_delivered = list(clients), set(), []
         self._control_sum, self._control_count = {}, 0
         return clients
 
@@ -326,18 +473,22 @@ class ResilientFedAvg(FedAvg):
         if error:
             self._mark_failed(meta.get("client_name", "unknown site"), str(error))
             return False
+        site = meta.get("client_name", "unknown site")
         if self.scaffold:
             controls = meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF)
             if not controls:
-                self._mark_failed(meta.get("client_name", "unknown site"), "SCAFFOLD job, but no control variates sent")
+                self._mark_failed(site, "SCAFFOLD job, but no control variates sent")
                 return False
             accepted = super()._aggregate_one_result(result)
             if accepted:
                 for key, value in controls.items():
                     self._control_sum[key] = value + self._control_sum[key] if key in self._control_sum else value
                 self._control_count += 1
-            return accepted
-        return super()._aggregate_one_result(result)
+        else:
+            accepted = super()._aggregate_one_result(result)
+        if accepted:
+            self._round_delivered.append(site)
+        return accepted
 
     def _get_aggregated_result(self) -> FLModel:
         disconnect_time = getattr(self.communicator, "get_client_disconnect_time", lambda site: None)
@@ -346,7 +497,7 @@ class ResilientFedAvg(FedAvg):
                 continue
             if disconnect_time(site):
                 # NVFlare ends a task early once every site it still waits for is deemed disconnected: a dead-job
-                # report (a lost job process, a restarted client: fl_rejoin.py) plus its dead-client grace period
+                # report (a lost site, a restarted client: fl_kits.py) plus its dead-client grace period
                 self._mark_failed(site, "no result; NVFlare deemed it disconnected (its job was reported dead)")
                 continue
             limit = (
@@ -387,6 +538,7 @@ class ResilientFedAvg(FedAvg):
     def _mark_failed(self, site: str, reason: str) -> None:
         if site not in self.failed_sites:
             self.failed_sites[site] = reason
+            self._failed_round[site] = self.current_round
             _FAILED_SITES.setdefault(self.fl_ctx.get_job_id(), {})[site] = reason
             self.error(
                 f"Site {site} failed in round {self.current_round} and is left out of later rounds: {reason}. "

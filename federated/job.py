@@ -35,10 +35,12 @@ from typing import Any
 
 import nvflare
 from fl_privacy import PRIVACY_TASKS, ChangedPercentilePrivacy, CountingSVTPrivacy
-from fl_server import BundleCheckpointPersistor, LCADBFedAvgRecipe
+from fl_server import SUMMARY_FILE, BundleCheckpointPersistor, LCADBFedAvgRecipe
 from fl_site import parse_overrides
+from nvflare.apis.fl_constant import ConfigVarName
+from nvflare.apis.job_def import JobMetaKey
 from nvflare.recipe import ProdEnv, SimEnv
-from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
+from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config, set_recipe_meta
 
 __all__ = [
     "FEDERATED_DIR",
@@ -48,6 +50,7 @@ __all__ = [
     "build_privacy_filter",
     "bundle_parser",
     "default_key_metric",
+    "describe_job_summary",
     "in_job_dir",
     "find_global_checkpoint",
     "copy_global_checkpoint",
@@ -97,6 +100,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait_after_min", type=int, default=600, help="seconds to wait for stragglers per round")
     p.add_argument("--round_timeout", type=int, default=0, help="seconds a round may last in all (0: no limit)")
     p.add_argument("--eval_timeout", type=int, default=600, help="seconds a site may take for a final evaluation")
+    p.add_argument(
+        "--dead_site_grace",
+        type=float,
+        default=10.0,
+        help="seconds the job still waits for a site NVFlare reported dead (lost or restarted) before dropping it",
+    )
+    p.add_argument(
+        "--scope",
+        default=None,
+        help="privacy scope the job asks the sites for (their privacy.json); default: each site's default scope",
+    )
     p.add_argument("--fedprox_mu", type=float, default=0.0, help="FedProx proximal coefficient (0: FedAvg)")
     p.add_argument("--server_momentum", type=float, default=0.0, help="FedOpt: server SGD momentum (e.g. 0.6)")
     p.add_argument("--server_lr", type=float, default=1.0, help="FedOpt: server SGD learning rate")
@@ -308,6 +322,8 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         raise ValueError(f"min_clients must be in [1, {len(args.sites)}] (the number of sites), got {min_clients}.")
     if args.num_rounds < 1 or args.local_epochs < 1:
         raise ValueError(f"num_rounds and local_epochs must be >= 1, got {args.num_rounds} and {args.local_epochs}.")
+    if args.dead_site_grace < 0:
+        raise ValueError(f"dead_site_grace must be >= 0, got {args.dead_site_grace}.")
     privacy_filter = build_privacy_filter(args)
 
     train_args = [f"--local_epochs {args.local_epochs}"]
@@ -323,8 +339,10 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
                 "--scaffold sends control variates no privacy filter sees; do not combine it with --privacy."
             )
         train_args.append("--scaffold")
-    if privacy_filter is not None:
-        train_args.append("--submit_update")  # local models for cross-site evaluation go through the filter too
+    if privacy_filter is not None or args.cross_site_eval == "full":
+        # local models for cross-site evaluation leave as differences, through the job's and the site's filters (a
+        # site's policy refuses full weights: fl_privacy.ModelReleaseGuard)
+        train_args.append("--submit_update")
     shared_args = " ".join(train_args)
 
     model = network_model_config(args.bundle_root, config_files, overrides)
@@ -377,6 +395,10 @@ def build_recipe(args: argparse.Namespace, data_roots: Mapping[str, str], staged
         recipe.add_server_file(str(shipped))
     if privacy_filter is not None:
         recipe.add_client_output_filter(privacy_filter, tasks=list(PRIVACY_TASKS))
+    if args.scope:
+        set_recipe_meta(recipe, JobMetaKey.SCOPE, args.scope)
+    # a site NVFlare reports dead (fl_kits.LostSiteHandler, RejoinedSiteHandler) is dropped after this grace
+    recipe.add_server_config({ConfigVarName.DEAD_CLIENT_GRACE_PERIOD: args.dead_site_grace})
     if args.tracking == "tensorboard":
         add_experiment_tracking(recipe, "tensorboard")
     if args.cross_site_eval != "none":
@@ -433,6 +455,28 @@ def copy_global_checkpoint(ckpt: str | os.PathLike, dest: str | os.PathLike) -> 
     return dest
 
 
+def describe_job_summary(result_dir: str | os.PathLike) -> str | None:
+    """One line on what the job did, from the server's summary (``fl_server.SUMMARY_FILE``) in a job result folder:
+    rounds done, the sites of the last round, the sites left out (when and why) and any resume after a server restart.
+    None when the result has no summary (e.g. the job failed before its first round)."""
+    found = sorted(Path(result_dir).rglob(SUMMARY_FILE))
+    if not found:
+        return None
+    summary = json.loads(found[0].read_text())
+    rounds = summary.get("rounds") or []
+    done = f"{len(rounds)} of {summary.get('num_rounds')} rounds done"
+    last = f"sites in the last round: {rounds[-1]['sites']}" if rounds else "no round finished"
+    left_out = summary.get("left_out") or {}
+    lost = "; ".join(f"{site} (round {info['round']}: {info['reason']})" for site, info in sorted(left_out.items()))
+    resumed = "; ".join(
+        f"resumed at round {r['at_round']} after a server restart (snapshot of job {r.get('snapshot_of')} after "
+        f"round {r['snapshot_round']})"
+        for r in summary.get("resumed") or []
+    )
+    parts = [done, last, f"left out: {lost}" if lost else "no site left out", resumed]
+    return "; ".join(p for p in parts if p)
+
+
 def share_cores(args: argparse.Namespace, parallel_sites: int) -> argparse.Namespace:
     """Sites on one machine (simulator, PoC): give each site's training process its share of the cores.
 
@@ -465,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         result = run.get_result()
     status = run.get_status()  # None in the simulator, which raises instead when the job fails
     logger.info(f"Job status: {status or 'finished'}; results (logs, TensorBoard events, cross-site metrics): {result}")
+    summary = describe_job_summary(result) if result else None
+    if summary:
+        logger.info(f"Job {run.get_job_id()}: {summary}")
     if status is not None and status != COMPLETED:
         logger.error(f"Job {run.get_job_id()} did not complete: {status}; see the server and site logs in {result}")
         return None

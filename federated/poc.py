@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import job
 import yaml
@@ -45,20 +46,48 @@ LOOPBACK = "localhost"
 POC_ADMIN = "admin@nvidia.com"
 
 
-def poc_project(sites: Sequence[str], port: int = 8002, name: str = "lcadb_poc") -> dict:
-    """A PoC project: server ``localhost`` (loopback-only listener) on ``port``, one client per site, one admin.
-    Provisioning it imports ``fl_rejoin`` (this folder must be on ``sys.path``)."""
+def poc_project(
+    sites: Sequence[str],
+    port: int = 8002,
+    name: str = "lcadb_poc",
+    server_kit: dict[str, Any] | None = None,
+    site_policy: dict[str, Any] | None = None,
+) -> dict:
+    """A PoC project: server ``localhost`` (loopback-only listeners) on ``port`` (admin port ``port + 1``), one client
+    per site, one admin, and the kit builders of the production project (fl_kits.py). Provisioning it imports
+    ``fl_kits`` (this folder must be on ``sys.path``).
+
+    Args:
+        sites: client names.
+        port: server port on 127.0.0.1; the admin port is the next one. Defaults to 8002.
+        name: project name. Defaults to "lcadb_poc".
+        server_kit: ``fl_kits.ServerKitBuilder`` arguments (e.g. ``lost_site_after``). Defaults to None (its
+            defaults).
+        site_policy: ``fl_kits.SitePrivacyBuilder`` arguments, every site's privacy policy. Defaults to None (its
+            defaults).
+
+    Raises:
+        ValueError: for repeated or missing site names.
+    """
     if len(set(sites)) != len(sites) or not sites:
         raise ValueError(f"sites must be distinct and not empty, got {list(sites)}.")
     participants = [
-        {"name": LOOPBACK, "type": "server", "org": "lcadb", "fed_learn_port": int(port), "default_host": LOOPBACK},
+        {
+            "name": LOOPBACK,
+            "type": "server",
+            "org": "lcadb",
+            "fed_learn_port": int(port),
+            "admin_port": int(port) + 1,  # NVFlare's default 8003 would be shared by every PoC on this machine
+            "default_host": LOOPBACK,
+        },
         {"name": POC_ADMIN, "type": "admin", "org": "lcadb", "role": "project_admin"},
     ] + [{"name": site, "type": "client", "org": "lcadb"} for site in sites]
     builders = [
         {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder", "args": {"template_file": ["master_template.yml"]}},
         {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
-        # a site whose client restarts mid-job must not fail the job (fl_rejoin.py, imported from this folder)
-        {"path": "fl_rejoin.RejoinedSiteBuilder"},
+        # lost and restarted sites, resume after a server crash, job store in the workspace; each site's own privacy
+        {"path": "fl_kits.ServerKitBuilder", "args": dict(server_kit or {})},
+        {"path": "fl_kits.SitePrivacyBuilder", "args": dict(site_policy or {})},
         {"path": "nvflare.lighter.impl.cert.CertBuilder"},
         {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
     ]
@@ -71,19 +100,35 @@ def poc_project(sites: Sequence[str], port: int = 8002, name: str = "lcadb_poc")
     }
 
 
-def write_poc_project(path: str | os.PathLike, sites: Sequence[str], port: int = 8002) -> Path:
+def write_poc_project(
+    path: str | os.PathLike,
+    sites: Sequence[str],
+    port: int = 8002,
+    server_kit: dict[str, Any] | None = None,
+    site_policy: dict[str, Any] | None = None,
+) -> Path:
+    """Write :func:`poc_project` as ``project.yml`` to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(poc_project(sites, port), sort_keys=False))
+    project = poc_project(sites, port, server_kit=server_kit, site_policy=site_policy)
+    path.write_text(yaml.safe_dump(project, sort_keys=False))
     return path
 
 
 def build_poc_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(parents=[job.build_arg_parser()], conflict_handler="resolve", description=__doc__)
     p.add_argument("--poc_workspace", default="/tmp/nvflare/lcadb_poc", help="PoC workspace (startup kits, logs)")
-    p.add_argument("--port", type=int, default=8002, help="server port on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8002, help="server port on 127.0.0.1 (admin port: the next one)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     p.add_argument("--keep_poc", action="store_true", help="leave the PoC workspace on disk")
+    p.add_argument(
+        "--lost_site_after", type=float, default=60.0, help="seconds of silence after which the server drops a site"
+    )
+    p.add_argument(
+        "--site_reports_in_full",
+        action="store_true",
+        help="site policy: let paths and case ids leave the sites in their error reports (default: withheld)",
+    )
     return p
 
 
@@ -96,7 +141,14 @@ def run_poc(args: argparse.Namespace) -> Path | None:
     data_roots = job.site_data_roots(args.sites, args.data_root, args.site_data)
     result_copy = Path(args.workspace) / f"{args.name}_poc"
     with tempfile.TemporaryDirectory(prefix="lcadb_poc_") as tmp:
-        project = write_poc_project(Path(tmp) / "project.yml", args.sites, args.port)
+        report = args.site_reports_in_full
+        project = write_poc_project(
+            Path(tmp) / "project.yml",
+            args.sites,
+            args.port,
+            server_kit={"lost_site_after": args.lost_site_after},
+            site_policy={"report_paths": report, "report_case_ids": report},
+        )
         os.environ["NVFLARE_POC_WORKSPACE"] = str(poc_ws)  # read by PocEnv
         env = PocEnv(project_conf_path=str(project))
         status, copied = None, False
@@ -113,6 +165,9 @@ def run_poc(args: argparse.Namespace) -> Path | None:
                     shutil.rmtree(result_copy)
                 shutil.copytree(result, result_copy)
                 copied = True
+                summary = job.describe_job_summary(result_copy)
+                if summary:
+                    logger.info(f"PoC job {run.get_job_id()}: {summary}")
             if status != job.COMPLETED or not copied:
                 logger.error(
                     f"PoC job {run.get_job_id()} did not complete (status {status}); PoC workspace kept with all "

@@ -38,13 +38,17 @@ if str(FEDERATED) not in sys.path:
     sys.path.insert(0, str(FEDERATED))
 
 import compare  # noqa: E402
+import fl_server  # noqa: E402
 import fl_site  # noqa: E402
 import job  # noqa: E402
+import poc  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
 SITES = ("site_a", "site_b", "site_c")
 TINY = {**compare.TINY_OVERRIDES, "batch_size": 4}
 TINY_ARGS = [a for k, v in TINY.items() for a in ("--override", f"{k}={json.dumps(v, separators=(',', ':'))}")]
+#: The global model in a PoC server's job folder (BundleCheckpointPersistor writes it after every round).
+GLOBAL_MODEL = Path("app_server") / "models" / "model.pt"
 #: job.py arguments that keep a simulator run short (no TensorBoard receiver, final global evaluation only)
 FAST_JOB_ARGS = ["--local_epochs", "1", "--tracking", "none", *TINY_ARGS]
 
@@ -265,8 +269,6 @@ def test_job_export_ships_bundle_and_per_site_data(tmp_path):
 
 def test_fedopt_server_step_is_torch_sgd_with_momentum():
     """Two server rounds of FedOpt equal torch.optim.SGD(lr, momentum) fed with the negative averaged updates."""
-    import fl_server
-
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(4))
     start = weight.detach().clone()
@@ -307,9 +309,14 @@ def test_build_recipe_rejects_bad_settings(tmp_path):
 
 
 def test_project_yml_provisions_every_hospital(tmp_path):
-    """`nvflare provision -p federated/project.yml -c federated` builds a startup kit per hospital, server and admin;
-    the server's kit lists the handler that keeps a restarted hospital from failing the job, and ships its module."""
-    import fl_rejoin
+    """`nvflare provision -p federated/project.yml -c federated` builds a startup kit per hospital, server and admin.
+    The server kit keeps its job store and snapshots in its own workspace and lists the fl_kits components (module
+    shipped); each hospital kit holds its privacy policy, which NVFlare's own privacy configurator loads: the scopes
+    ``percentile`` (default) and ``svt``, each with the guard, the model filter and the report redactor; any other
+    scope is not allowed; the site's error log is not streamed to the server."""
+    from nvflare.apis.workspace import Workspace
+    from nvflare.private.fed.app.fl_conf import create_privacy_manager
+    from nvflare.private.privacy_manager import PrivacyService
 
     nvflare = Path(sys.executable).parent / "nvflare"
     subprocess.run(
@@ -320,10 +327,71 @@ def test_project_yml_provisions_every_hospital(tmp_path):
     for kit in ("fl-server.example.org", "hospital-a", "hospital-b", "hospital-c"):
         assert (prod / kit / "startup" / "start.sh").is_file(), kit
     assert (prod / "admin@coordinating-center.example.org" / "startup").is_dir()
-    server_local = prod / "fl-server.example.org" / "local"
-    components = json.loads((server_local / "resources.json.default").read_text())["components"]
-    assert {"id": fl_rejoin.COMPONENT_ID, "path": "fl_rejoin.RejoinedSiteHandler", "args": {}} in components
-    assert (server_local / "custom" / "fl_rejoin.py").read_text() == (FEDERATED / "fl_rejoin.py").read_text()
+    server = prod / "fl-server.example.org"
+    resources = json.loads((server / "local" / "resources.json.default").read_text())
+    paths = {c["id"]: c["path"] for c in resources["components"]}
+    for name in ("RejoinedSiteHandler", "LostSiteHandler", "JobResumer", "DeploymentRefusalLogger"):
+        assert f"fl_kits.{name}" in paths.values(), name
+    assert (server / "local" / "custom" / "fl_kits.py").read_text() == (FEDERATED / "fl_kits.py").read_text()
+    job_store = next(c for c in resources["components"] if c["id"] == "job_manager")["args"]["uri_root"]
+    snapshots = resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"]
+    assert job_store == str(server / "jobs-storage") and snapshots == str(server / "snapshot-storage")
+    for hospital in ("hospital-a", "hospital-b", "hospital-c"):
+        local = prod / hospital / "local"
+        assert json.loads((local / "resources.json.default").read_text())["allow_log_streaming"] is False
+        assert (local / "custom" / "lcadb_site_privacy.py").read_text() == (FEDERATED / "fl_privacy.py").read_text()
+    sys.path.insert(0, str(prod / "hospital-a" / "local" / "custom"))  # as NVFlare puts it for the site's processes
+    try:
+        manager = create_privacy_manager(Workspace(str(prod / "hospital-a")), names_only=False)
+    finally:
+        sys.path.remove(str(prod / "hospital-a" / "local" / "custom"))
+    assert sorted(manager.name_to_scopes) == ["percentile", "svt"] and manager.default_scope.name == "percentile"
+    filters = [type(f).__name__ for f in manager.get_scope("percentile").task_result_filters["out"]]
+    assert filters == ["ModelReleaseGuard", "ChangedPercentilePrivacy", "SiteReportRedactor"]
+    PrivacyService.initialize(manager)
+    try:
+        assert PrivacyService.is_scope_allowed("") and PrivacyService.is_scope_allowed("svt")
+        assert not PrivacyService.is_scope_allowed("none")
+    finally:
+        PrivacyService.initialize(None)
+
+
+def test_site_policy_guard_and_redactor_on_results():
+    """A site's release rules on results as its job process hands them over: full weights and arrays in the metadata
+    are refused with an error report naming the policy; an error report leaves without paths and case ids (kept when
+    the policy allows them); weight differences pass unchanged."""
+    import fl_privacy
+    from nvflare.apis.dxo import DXO, DataKind, from_shareable
+    from nvflare.apis.fl_context import FLContext
+
+    guard, redactor = fl_privacy.ModelReleaseGuard(), fl_privacy.SiteReportRedactor()
+    weights = {"w": np.ones((2, 3), np.float32)}
+    out = from_shareable(guard.process(DXO(DataKind.WEIGHTS, data=weights).to_shareable(), FLContext()))
+    assert out.data_kind == DataKind.METRICS and not out.data
+    assert (
+        "refused the result" in out.meta[fl_privacy.SITE_ERROR_KEY]
+        and "full model weights" in out.meta[fl_privacy.SITE_ERROR_KEY]
+    )
+    hidden = DXO(DataKind.WEIGHT_DIFF, data=weights, meta={"scaffold_c_diff": {"w": np.ones(3)}}).to_shareable()
+    assert (
+        "arrays in its metadata" in from_shareable(guard.process(hidden, FLContext())).meta[fl_privacy.SITE_ERROR_KEY]
+    )
+    diff = DXO(DataKind.WEIGHT_DIFF, data=weights, meta={"NUM_STEPS_CURRENT_ROUND": 2}).to_shareable()
+    assert from_shareable(guard.process(diff, FLContext())).data_kind == DataKind.WEIGHT_DIFF
+    report = "Site 'site_c': ValueError: case 'c_0003' in /data/lcadb/site_c/datalist.json 'training' has no 'label'"
+    error = DXO(DataKind.METRICS, data={}, meta={fl_privacy.SITE_ERROR_KEY: report}).to_shareable()
+    sent = from_shareable(redactor.process(error, FLContext())).meta[fl_privacy.SITE_ERROR_KEY]
+    assert sent == "Site 'site_c': ValueError: case '<case id withheld>' in <path withheld> 'training' has no 'label'"
+    full = fl_privacy.SiteReportRedactor(report_paths=True, report_case_ids=True)
+    error = DXO(DataKind.METRICS, data={}, meta={fl_privacy.SITE_ERROR_KEY: report}).to_shareable()
+    assert from_shareable(full.process(error, FLContext())).meta[fl_privacy.SITE_ERROR_KEY] == report
+    text, paths, cases = fl_privacy.redact_text("case 'c_1': no file /x/images/c_1/t2.nii.gz", report_paths=True)
+    assert text == "case '<case id withheld>': no file /x/images/<case id withheld>/t2.nii.gz" and (paths, cases) == (
+        0,
+        2,
+    )
+    with pytest.raises(ValueError, match="case_id_pattern must be a regular expression"):
+        fl_privacy.SiteReportRedactor(case_id_pattern="(")
 
 
 def test_sites_on_one_machine_share_its_cores(tmp_path):
@@ -478,8 +546,6 @@ def test_simulator_fails_clearly_below_min_clients(fed_data, tmp_path):
 
 @pytest.mark.slow
 def test_poc_real_processes_on_localhost(fed_data, tmp_path):
-    import poc
-
     ckpt = poc.main(
         "--name poc2 --sites site_a site_b --num_rounds 1 --timeout 600".split()
         + ["--data_root", str(fed_data["site_a"].parent), "--workspace", str(tmp_path / "ws")]
@@ -491,32 +557,75 @@ def test_poc_real_processes_on_localhost(fed_data, tmp_path):
 
 
 @contextlib.contextmanager
-def running_poc(root: Path, sites, port: int):
+def running_poc(root: Path, sites, port: int, server_kit: dict | None = None, site_policy: dict | None = None):
     """A PoC federation started with NVFlare's own CLI (``nvflare poc prepare/start/stop``): a server on
-    127.0.0.1:``port`` and one client process per site. Yields the admin startup kit and the CLI environment."""
-    import poc
-
+    127.0.0.1:``port`` and one client process per site, provisioned with the project's kit builders (``server_kit``,
+    ``site_policy``: their arguments). Yields the admin startup kit and the CLI environment. At the end, besides
+    ``nvflare poc stop`` (which stops nothing once the server is gone), every process left in a kit is killed."""
     nvflare = str(Path(sys.executable).parent / "nvflare")
     env = {**os.environ, "NVFLARE_POC_WORKSPACE": str(root / "poc")}
-    project = poc.write_poc_project(root / "project.yml", sites, port)
-    subprocess.run(  # the project's builders import fl_rejoin from federated/
+    project = poc.write_poc_project(root / "project.yml", sites, port, server_kit=server_kit, site_policy=site_policy)
+    subprocess.run(  # the project's builders import fl_kits from federated/
         [nvflare, "poc", "prepare", "-i", str(project), "--force"],
         env={**env, "PYTHONPATH": os.pathsep.join([str(FEDERATED), os.environ.get("PYTHONPATH", "")])},
         check=True,
         timeout=120,
     )
+    prod = root / "poc" / "lcadb_poc" / "prod_00"
     try:
         subprocess.run([nvflare, "poc", "start", "-ex", poc.POC_ADMIN], env=env, check=True, timeout=180)
-        yield root / "poc" / "lcadb_poc" / "prod_00" / poc.POC_ADMIN, env
+        yield prod / poc.POC_ADMIN, env
     finally:
         subprocess.run([nvflare, "poc", "stop"], env=env, timeout=180)
+        for kit in [poc.LOOPBACK, *sites]:
+            kill_site_processes(prod / kit)
 
 
-def wait_for_job(admin_kit: Path, job_id: str, timeout: float, download_to: Path) -> tuple[str, Path]:
-    """Wait for a job through NVFlare's admin API (as the admin console does) and download its result."""
+def site_processes(workspace: Path) -> list[int]:
+    """Every process of an NVFlare site (or server) on this machine: those whose command line names its workspace or
+    whose working directory lies in it (the kit's ``sub_start.sh`` loop, the NVFlare client, its job processes, which
+    NVFlare starts in their own session, and the training processes they launch from the job's folder), and every
+    process below them."""
+    workspace = str(workspace.resolve())
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # already dead, waiting to be reaped
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(proc / "cwd")
+            inside = [a for a in [*args, cwd] if a == workspace or a.startswith(workspace + os.sep)]
+            if inside:
+                found.add(int(proc.name))
+    for pid in list(found):
+        found.update(_descendants(pid))
+    return sorted(found)
+
+
+def kill_site_processes(workspace: Path, timeout: float = 30.0) -> list[int]:
+    """Kill a site the way a crashed machine does: SIGKILL to every process of it at once (:func:`site_processes`),
+    then wait until they are gone from the process table (a restarted kit's ``sub_start.sh`` refuses to start while
+    the PID in its ``daemon_pid.fl`` exists, even as a zombie). Returns the PIDs killed."""
+    pids = site_processes(workspace)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pids
+
+
+def wait_for_job(
+    admin_kit: Path, job_id: str, timeout: float, download_to: Path | None = None
+) -> tuple[str, Path | None]:
+    """Wait for a job to end through NVFlare's admin API (as the admin console does) and download its result (unless
+    ``download_to`` is None). The server may still be starting (``timeout`` covers the connection too)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-    session = new_secure_session("admin@nvidia.com", str(admin_kit))
+    session = new_secure_session("admin@nvidia.com", str(admin_kit), timeout=min(timeout, 120.0))
     try:
         deadline = time.monotonic() + timeout
         status = ""
@@ -525,6 +634,8 @@ def wait_for_job(admin_kit: Path, job_id: str, timeout: float, download_to: Path
             if status.startswith("FINISHED"):
                 break
             time.sleep(2)
+        if download_to is None:
+            return status, None
         download_to.mkdir(parents=True, exist_ok=True)
         return status, Path(session.download_job_result(job_id, str(download_to)))
     finally:
@@ -548,7 +659,7 @@ def _export_job(tmp_path: Path, name: str, sites, job_args) -> Path:
     args = job.resolve_paths(job.build_arg_parser().parse_args(["--name", name, "--sites", *sites, *job_args]))
     with job.in_job_dir():
         recipe = job.build_recipe(
-            args, job.site_data_roots(sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / "b")
+            args, job.site_data_roots(sites, args.data_root, []), job.stage_bundle(BUNDLE, tmp_path / "s" / name)
         )
         recipe.export(str(tmp_path / "exported"))
     return tmp_path / "exported" / name
@@ -678,13 +789,14 @@ def test_poc_restarted_client_rejoins_without_holding_the_job(fed_data, tmp_path
     process, its training process) are SIGKILLed by PID. The startup kit's ``sub_start.sh`` loop restarts the client
     from the kit and it registers again with the server. The job still completes with the two other sites: the server
     log names site_c and why, round 2 and the final evaluation leave it out instead of waiting for it (the job ends
-    far sooner than the default 600 s straggler wait or 600 s evaluation timeout), and the global model is there."""
+    far sooner than the default 600 s straggler wait or 600 s evaluation timeout), and the global model is there.
+    site_c does not take part again in this job: NVFlare deploys a job only when it dispatches it."""
     sites = list(SITES)
     exported = _export_job(
         tmp_path,
         "restart",
         sites,
-        ["--min_clients", "2", "--num_rounds", "3", "--wait_after_min", "10", "--eval_timeout", "240"]
+        ["--min_clients", "2", "--num_rounds", "3", "--eval_timeout", "240", "--dead_site_grace", "10"]
         + ["--data_root", str(fed_data["site_a"].parent), *FAST_JOB_ARGS],
     )
     with running_poc(tmp_path, sites, port=8142) as (admin_kit, env):
@@ -711,21 +823,24 @@ def test_poc_restarted_client_rejoins_without_holding_the_job(fed_data, tmp_path
         status, result = wait_for_job(admin_kit, job_id, 400, tmp_path / "result")
         kill_to_end = time.monotonic() - killed_at
         server_parent_log = parent_log.read_text()
-    # without fl_rejoin.RejoinedSiteHandler NVFlare's server fails the finished job here: "Failing job ...: terminal
+    # without fl_kits.RejoinedSiteHandler NVFlare's server fails the finished job here: "Failing job ...: terminal
     # outcome unavailable from site_c: missing job on client" (FINISHED:ABNORMAL)
     assert status == "FINISHED:COMPLETED", status
     assert f"Site site_c registered again while job {job_id} it was started on is running" in server_parent_log
     # it was the kit's own supervisor loop (startup/sub_start.sh, output in the PoC console log) that restarted it
     assert f"start fl because process of {client} does not exist" in (prod / "site_c" / "poc_console.log").read_text()
     log = next(p for p in result.rglob("log.txt") if "Round 0" in p.read_text()).read_text()
-    assert re.search(r"Site site_c failed in round 1 .*no result within the round", log)
+    # RejoinedSiteHandler reported site_c's job dead when it registered again: the round dropped it 10 s later
+    # (--dead_site_grace), not after the default 600 s straggler wait
+    assert re.search(r"Site site_c failed in round 1 .*no result; NVFlare deemed it disconnected", log)
     assert "Round 2: training on sites ['site_a', 'site_b']" in log
     assert "left out (failed during training)" in log
     cse = json.loads(next(result.rglob("cross_val_results.json")).read_text())
     assert set(cse) == {"site_a", "site_b"}
     assert job.find_global_checkpoint(result) is not None
-    # the 10 s straggler wait, one round and the evaluation (21 s measured); an evaluation waiting for site_c would
-    # take its 240 s timeout, and the defaults would wait 600 s + 600 s
+    print(f"restarted client: kill to job end {kill_to_end:.0f} s (load average {os.getloadavg()[0]:.1f})")
+    # the restart (sub_start.sh checks every 5 s), the 10 s grace, one round and the evaluation; an evaluation
+    # waiting for site_c would take its 240 s timeout, and the straggler wait alone 600 s
     assert kill_to_end < 150, kill_to_end
 
 
@@ -733,7 +848,8 @@ def test_poc_restarted_client_rejoins_without_holding_the_job(fed_data, tmp_path
 def test_poc_py_failed_job_exits_1_and_keeps_the_workspace(fed_data, tmp_path):
     """``poc.py`` (its CLI, as a user runs it) on a job that cannot complete: 2 sites, min_clients = all, site_b's
     datalist has a case without a label. It exits 1 with an error naming the job status, the server log names the
-    site, the case and the reason, and the PoC workspace with all logs is kept."""
+    site and the reason but, by site_b's privacy policy, neither the case id nor the path (site_b's own log keeps
+    them), and the PoC workspace with all logs is kept."""
     broken = tmp_path / "site_b_broken"
     shutil.copytree(fed_data["site_b"], broken)
     datalist = json.loads((broken / "datalist.json").read_text())
@@ -766,8 +882,166 @@ def test_poc_py_failed_job_exits_1_and_keeps_the_workspace(fed_data, tmp_path):
     assert error and error.group(1) != job.COMPLETED, output
     assert f"PoC workspace kept with all logs: {poc_ws}" in output
     assert (poc_ws / "lcadb_poc" / "prod_00" / "localhost" / "startup").is_dir()  # kept, kits and logs included
-    server_logs = [p.read_text() for p in poc_ws.rglob("log.txt") if "ResilientFedAvg" in p.read_text()]
-    assert server_logs, f"no server job log under {poc_ws}"
+    # the server kit (parent logs) and the job's server workspace as the server hands it out (downloaded by poc.py;
+    # NVFlare archives it in the job store and removes it from the kit when the job ends)
+    prod = poc_ws / "lcadb_poc" / "prod_00"
+    server_files = [
+        p for d in (prod / "localhost", prod / poc.POC_ADMIN / "transfer") for p in d.rglob("*") if p.is_file()
+    ]
+    server_logs = [p.read_text() for p in server_files if p.name == "log.txt" and "ResilientFedAvg" in p.read_text()]
+    assert server_logs, f"no server job log under {prod}"
     assert "Site site_b failed in round 0" in server_logs[0]
-    assert f"case '{case['case']}' in {broken / 'datalist.json'} 'training' has no 'label'" in server_logs[0]
     assert "only 1 site(s) delivered a model, fewer than min_clients=2" in server_logs[0]
+    # site_b's policy (provisioned by poc.py) let its report leave without the case id and the path: the server names
+    # the site and the reason; no server file holds the case id, no server log the site's data path
+    reason = f"case '{case['case']}' in {broken / 'datalist.json'} 'training' has no 'label'"
+    assert (
+        "Site 'site_b': ValueError: case '<case id withheld>' in <path withheld> 'training' has no 'label'"
+        in (server_logs[0])
+    )
+    assert not [p for p in server_files if case["case"].encode() in p.read_bytes()]
+    assert not [p for p in server_files if p.suffix == ".txt" and str(broken) in p.read_text()]  # the job has it
+    site_b_log = next(
+        p for p in (poc_ws / "lcadb_poc" / "prod_00" / "site_b").rglob("log.txt") if reason in p.read_text()
+    )
+    assert "SiteReportRedactor: withheld 1 path(s) and 1 case id(s)" in site_b_log.read_text()  # the site keeps it
+
+
+@pytest.mark.slow
+def test_poc_site_lost_for_good_job_completes_without_it(fed_data, tmp_path):
+    """A site's machine goes down for good in round 1: every process of site_c (the kit's ``sub_start.sh`` loop, its
+    NVFlare client, its job process, its training process) is SIGKILLed and none is left. The server kit's
+    ``LostSiteHandler`` logs site_c out after ``lost_site_after`` s of silence, the job drops it after its
+    ``--dead_site_grace`` and completes with the two others (status COMPLETED, not FINISHED:ABNORMAL after NVFlare's
+    600 s heartbeat timeout), and the server log and the job summary (what job.py / poc.py print) name site_c. Each
+    site's privacy policy (provisioned, not in the job) filtered its updates."""
+    sites = list(SITES)
+    lost_after, grace = 25, 5
+    exported = _export_job(
+        tmp_path,
+        "lost",
+        sites,
+        ["--min_clients", "2", "--num_rounds", "2", "--eval_timeout", "240", "--dead_site_grace", str(grace)]
+        + ["--data_root", str(fed_data["site_a"].parent), *FAST_JOB_ARGS],
+    )
+    with running_poc(tmp_path, sites, port=8162, server_kit={"lost_site_after": lost_after}) as (admin_kit, env):
+        prod = admin_kit.parent
+        job_id = _submit(admin_kit, exported, env)
+        _wait_for_log(
+            prod / "localhost" / job_id / "log.txt", "Round 1: training on sites ['site_a', 'site_b', 'site_c']", 300
+        )
+        killed = kill_site_processes(prod / "site_c")
+        killed_at = time.monotonic()
+        time.sleep(1.0)
+        assert len(killed) >= 4, killed  # sub_start.sh, client_train, the job process (worker_process), client.py
+        assert not site_processes(prod / "site_c"), "processes of site_c survived the kill"
+        status, result = wait_for_job(admin_kit, job_id, 400, tmp_path / "result")
+        kill_to_end = time.monotonic() - killed_at
+        parent_log = (prod / "localhost" / "log.txt").read_text()
+        site_a_log = (prod / "site_a" / job_id / "log.txt").read_text()
+    assert status == job.COMPLETED, status
+    assert re.search(r"Site site_c lost: no message from its NVFlare client for \d+ s", parent_log)
+    log = next(p for p in result.rglob("log.txt") if "Round 0" in p.read_text()).read_text()
+    assert re.search(r"Site site_c failed in round 1 .*NVFlare deemed it disconnected", log)
+    summary = json.loads(next(result.rglob(fl_server.SUMMARY_FILE)).read_text())
+    assert [r["sites"] for r in summary["rounds"]] == [["site_a", "site_b", "site_c"], ["site_a", "site_b"]]
+    assert set(summary["left_out"]) == {"site_c"} and summary["left_out"]["site_c"]["round"] == 1
+    assert "left out: site_c (round 1: no result; NVFlare deemed it disconnected" in job.describe_job_summary(result)
+    assert set(json.loads(next(result.rglob("cross_val_results.json")).read_text())) == {"site_a", "site_b"}
+    # the site's own policy (privacy.json, default scope) filtered site_a's updates; the job asked for no filter
+    assert "PercentilePrivacy: zeroed" in site_a_log
+    assert "Privacy" not in (exported / "app_site_a" / "config" / "config_fed_client.json").read_text()
+    # lost after lost_after s of silence (+ up to one 10 s heartbeat), dropped after the grace, then the last round's
+    # aggregation and the final evaluation on two sites; NVFlare alone would take 600 s and fail the job
+    print(f"site lost for good: kill to job end {kill_to_end:.0f} s (load average {os.getloadavg()[0]:.1f})")
+    assert kill_to_end < lost_after + 10 + grace + 120, kill_to_end
+
+
+@pytest.mark.slow
+def test_poc_server_crash_job_resumes_with_all_rounds(fed_data, tmp_path):
+    """The server's machine crashes in round 1 of 2: every process of the server kit (its ``sub_start.sh`` loop, the
+    server, the job's server process) is SIGKILLed, then the server is started again from its kit
+    (``startup/start.sh``). The kit's ``JobResumer`` sets the crashed job FINISHED:ABNORMAL and clones it (NVFlare's
+    ``clone_job``); the clone resumes at round 1 from the crashed job's snapshot (the global model of round 0, the one
+    the server had saved as ``model.pt``) and ends COMPLETED with both rounds, both sites in each; then the
+    snapshots are deleted."""
+    sites = ["site_a", "site_b"]
+    exported = _export_job(
+        tmp_path,
+        "crash",
+        sites,
+        ["--num_rounds", "2", "--cross_site_eval", "none", "--data_root", str(fed_data["site_a"].parent)]
+        + FAST_JOB_ARGS,
+    )
+    with running_poc(tmp_path, sites, port=8172, server_kit={"resume_wait": 60}) as (admin_kit, env):
+        server = admin_kit.parent / "localhost"
+        job_id = _submit(admin_kit, exported, env)
+        _wait_for_log(server / job_id / "log.txt", "Round 1: training on sites", 300)
+        killed = kill_site_processes(server)
+        crashed_at = time.monotonic()
+        assert len(killed) >= 3, killed  # sub_start.sh, server_train, the job's runner_process
+        assert not site_processes(server), "processes of the server survived the kill"
+        snapshots = tmp_path / "poc" / "snapshot-storage"
+        assert (snapshots / job_id / "data").is_file(), "no job snapshot in the PoC server's snapshot storage"
+        round0 = fl_server.weights_digest(torch.load(server / job_id / GLOBAL_MODEL, map_location="cpu"))
+        path = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # start.sh runs python3 from PATH
+        subprocess.run(["bash", str(server / "startup" / "start.sh")], env={**env, "PATH": path}, check=True)
+        resumed = re.compile(rf"Job {job_id} resumes as job (\S+) \(cloned from it\)")
+        _wait_for_log(server / "log.txt", f"Job {job_id} resumes as job", 240)
+        clone = resumed.search((server / "log.txt").read_text()).group(1)
+        crashed_status, _ = wait_for_job(admin_kit, job_id, 60)
+        status, result = wait_for_job(admin_kit, clone, 600, tmp_path / "result")
+        crash_to_end = time.monotonic() - crashed_at
+    assert crashed_status == "FINISHED:ABNORMAL" and status == job.COMPLETED, (crashed_status, status)
+    log = next(p for p in result.rglob("log.txt") if "ResilientFedAvg" in p.read_text()).read_text()
+    assert (
+        f"resumes at round 1 of 2 from the snapshot of job {job_id} after round 0 (global model digest {round0};"
+    ) in log
+    assert "Round 1: training on sites ['site_a', 'site_b']" in log
+    summary = json.loads(next(result.rglob(fl_server.SUMMARY_FILE)).read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert all(r["sites"] == sites for r in summary["rounds"]) and not summary["left_out"]
+    assert summary["resumed"] == [{"at_round": 1, "snapshot_round": 0, "snapshot_of": job_id}]
+    final = torch.load(job.find_global_checkpoint(result), map_location="cpu", weights_only=True)
+    assert fl_server.weights_digest(final) != round0  # round 1 trained on
+    assert not (snapshots / job_id).exists() and not (snapshots / clone).exists()  # deleted once the clone ended
+    print(f"server crash: crash to job end {crash_to_end:.0f} s (load average {os.getloadavg()[0]:.1f})")
+
+
+@pytest.mark.slow
+def test_poc_site_policy_filters_every_result_and_refuses_other_scopes(fed_data, tmp_path):
+    """Each site enforces its own privacy policy, provisioned into its kit (``privacy.json``), whatever the job says.
+    The sites accept only the scope ``percentile`` and zero 100 % of the changed elements. A job that asks for no
+    filter still has every update filtered at the sites: its global model leaves round 0 exactly as it started,
+    although each site changed its weights (the site logs count the changes it zeroed). A job that asks for the
+    scope ``none`` is refused by both sites at deployment and never runs; the server log names each site and why."""
+    sites = ["site_a", "site_b"]
+    torch.manual_seed(11)
+    start = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in tiny_network().state_dict().items()
+    }
+    start_ckpt = fl_site.save_state_dict(start, tmp_path / "start.pt")
+    common = ["--num_rounds", "1", "--cross_site_eval", "none", "--data_root", str(fed_data["site_a"].parent)]
+    unfiltered = _export_job(tmp_path, "nofilter", sites, [*common, "--initial_ckpt", str(start_ckpt), *FAST_JOB_ARGS])
+    weaker = _export_job(tmp_path, "weaker", sites, [*common, "--scope", "none", *FAST_JOB_ARGS])
+    assert json.loads((weaker / "meta.json").read_text())["scope"] == "none"
+    policy = {"scopes": ["percentile"], "default_scope": "percentile", "percentile": 100}
+    with running_poc(tmp_path, sites, port=8182, site_policy=policy) as (admin_kit, env):
+        prod = admin_kit.parent
+        first = _submit(admin_kit, unfiltered, env)
+        status, result = wait_for_job(admin_kit, first, 400, tmp_path / "result")
+        refused = _submit(admin_kit, weaker, env)
+        refused_status, _ = wait_for_job(admin_kit, refused, 120)
+        parent_log = (prod / "localhost" / "log.txt").read_text()
+        site_logs = {site: (prod / site / first / "log.txt").read_text() for site in sites}
+    assert status == job.COMPLETED, status
+    final = torch.load(job.find_global_checkpoint(result), map_location="cpu", weights_only=True)
+    floats = [k for k in final if final[k].is_floating_point()]
+    assert floats and all(torch.equal(final[k], start[k]) for k in floats)  # every change was withheld
+    for site, site_log in site_logs.items():
+        zeroed = re.search(r"PercentilePrivacy: zeroed (\d+) of (\d+) changed elements", site_log)
+        assert zeroed and int(zeroed.group(1)) == int(zeroed.group(2)) > 1000, site  # the site did train
+    assert refused_status == "FINISHED:FAILED_TO_RUN", refused_status
+    for site in sites:
+        assert re.search(rf"Site {site} refused job {refused}: .*privacy scope 'none' is not allowed", parent_log)
