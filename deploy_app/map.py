@@ -490,6 +490,7 @@ def run_map(
     if runner == "monai-deploy":
         command = [shutil.which("monai-deploy") or "monai-deploy", "run", image, "-o", str(output)]
         command += ["-i", str(study)] if study is not None else []
+        command += ["--uid", str(os.getuid()), "--gid", str(os.getgid())]
         command += ["--config", str(Path(config).resolve())] if config is not None else []
         logger.info("$ %s", " ".join(command))
         return subprocess.run(command).returncode

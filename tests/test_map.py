@@ -40,11 +40,15 @@ PACKAGED_MODEL = REPO_ROOT / "build" / "map" / "cpu" / "models" / "model_cpu.ts"
 @pytest.fixture(scope="module")
 def map_host():
     """Docker, buildx, the registry and debootstrap, installed and started by the repository's script."""
+    from deploy_app.map import environment_problems
+
     if os.geteuid() != 0:
         pytest.fail("the MAP test needs root (apt-get, dockerd): run it as root, as CI does")
+    already_up = not environment_problems()
     subprocess.run(["bash", str(REPO_ROOT / "tools" / "map_env.sh"), "up"], check=True, timeout=1800)
     yield
-    subprocess.run(["bash", str(REPO_ROOT / "tools" / "map_env.sh"), "stop"], timeout=120)
+    if not already_up:  # leave a daemon and registry that were running before as they were
+        subprocess.run(["bash", str(REPO_ROOT / "tools" / "map_env.sh"), "stop"], timeout=120)
 
 
 @pytest.fixture(scope="module")
