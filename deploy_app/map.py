@@ -43,7 +43,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
@@ -91,13 +91,13 @@ class Variant:
     cpu_torch: bool
     #: resources of the package manifest (pkg.json); None: those of deploy_app/app.yaml
     resources: dict | None = None
-    export_options: tuple[str, ...] = field(default_factory=tuple)
 
 
 VARIANTS = {
-    # resources: app.yaml's, measured with this MAP (deploy_app/README.md, "MAP")
+    # resources: app.yaml's, measured with this MAP (deploy_app/README.md, "MAP", Measured)
     "cpu": Variant("cpu", "CPU PyTorch, no GPU reserved, the CPU export of the weights in fp32", cpu_torch=True),
-    # gpu memory is not measured (no GPU was lent to this work): none is asked for rather than a guess
+    # gpuMemory and the CUDA runtime's host memory are not measured (no GPU was lent to this work): no gpuMemory is
+    # asked for rather than a guess, and memory is the CPU MAP's measured peak with room for the CUDA runtime
     "cuda": Variant(
         "cuda",
         "PyTorch with CUDA from PyPI, one GPU reserved, the ckpt_export TorchScript",

@@ -103,11 +103,12 @@ EOF
 }
 
 stop_pid() {
-  local name=$1 file=$2
-  if [ -f "$file" ] && kill -0 "$(cat "$file")" 2>/dev/null; then
-    say "stopping $name (pid $(cat "$file"))"
-    kill "$(cat "$file")"
-    for _ in $(seq 30); do kill -0 "$(cat "$file")" 2>/dev/null || break; sleep 1; done
+  local name=$1 file=$2 pid
+  pid=$(cat "$file" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    say "stopping $name (pid $pid)"
+    kill "$pid"
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
   fi
   rm -f "$file"
 }
