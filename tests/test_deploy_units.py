@@ -124,7 +124,8 @@ def test_app_yaml_is_a_valid_map_configuration():
     assert "not for clinical use" in config.title()
     yaml = config._config
     assert yaml["application"]["version"] == __version__
-    assert set(yaml["resources"]) >= {"cpu", "gpu", "memory", "gpuMemory"}
+    # the CPU MAP's resources: no GPU (python -m deploy_app.map gives the CUDA variant its own, tests/test_map_units.py)
+    assert set(yaml["resources"]) >= {"cpu", "memory"} and yaml["resources"].get("gpu", 0) == 0
     assert yaml["application"]["input-formats"] == ["file"]
     assert (APP_DIR / yaml["lcadb"]["phase_rules"]).is_file()
     assert destinations_from_config(yaml["pacs"]) == []  # nothing is sent unless configured
