@@ -14,8 +14,8 @@
     python -m deploy_app.map run --image TAG -i STUDY -o OUT [--config app.yaml]
 
 ``build`` packages the app with holoscan-cli's own packager (``monai-deploy package``) from a clean checkout on a
-host that reaches nothing but the package registries: it ships what the packager would download (its release's
-artefact manifest, ``packaging/artifacts.json``) and hands it ``packaging/Dockerfile.jinja2`` in place of its stock
+host that reaches nothing but the package registries: it writes the artefact manifest the packager would download
+(:func:`write_release_manifest`) and hands it ``packaging/Dockerfile.jinja2`` in place of its stock
 template (which downloads NVIDIA's CUDA keyring and needs Ubuntu 24.04), with a Debian base image made here by
 ``debootstrap`` and ``docker import`` and served by a registry on 127.0.0.1 (the packager pulls the base image).
 ``tools/map_env.sh`` installs and starts what that needs (dockerd, buildx, the registry); ``build`` runs it when
@@ -56,6 +56,7 @@ __all__ = [
     "environment_problems",
     "main",
     "run_map",
+    "write_release_manifest",
 ]
 
 logger = logging.getLogger("deploy_app.map")
@@ -333,6 +334,41 @@ def _application_version() -> str:
     return str(yaml.safe_load((APP_DIR / "app.yaml").read_text())["application"]["version"])
 
 
+def write_release_manifest(path: Path, base_image: str) -> Path:
+    """Write the artefact manifest of :data:`HOLOSCAN_VERSION` that the packager reads with ``--source``.
+
+    The packager downloads its release's manifest from GitHub unless it is given one. This one takes the schema of
+    the manifest that the installed holoscan-cli carries (``holoscan_cli/package-source.json``, an older release's)
+    and states what this build uses: the pinned SDK version and ``base_image`` as the base and build image of every
+    platform configuration (a Python application is built on its base image; no health probe is downloaded).
+
+    Args:
+        path: the JSON file to write.
+        base_image: the base image ``--base-image`` names.
+
+    Returns:
+        ``path``.
+    """
+    import holoscan_cli
+
+    carried = json.loads((Path(holoscan_cli.__file__).parent / "package-source.json").read_text())
+    schema = carried[max(carried, key=lambda v: tuple(int(p) for p in v.split(".")))]
+    holoscan = schema["holoscan"]
+    release = {
+        "holoscan": {
+            "debian-version": f"{HOLOSCAN_VERSION}.1-1",
+            "wheel-version": HOLOSCAN_VERSION,
+            "base-images": dict.fromkeys(holoscan["base-images"], base_image),
+            "build-images": {
+                config: dict.fromkeys(platforms, base_image) for config, platforms in holoscan["build-images"].items()
+            },
+        },
+        "health-probes": schema["health-probes"],
+    }
+    path.write_text(json.dumps({HOLOSCAN_VERSION: release}, indent=2))
+    return path
+
+
 def build_map(
     variant: Variant,
     work_dir: Path,
@@ -377,7 +413,8 @@ def build_map(
     arguments += ["--no-cache", "--build-cache", str(work_dir / "build-cache")]
     if not stock:
         base = ensure_base_image(variant)
-        arguments += ["--source", str(PACKAGING_DIR / "artifacts.json"), "--base-image", base]
+        manifest = write_release_manifest(work_dir / "artifacts.json", base)
+        arguments += ["--source", str(manifest), "--base-image", base]
     command = [sys.executable, "-m", "deploy_app.map", "package"]
     command += ([] if stock else ["--template-dir", str(PACKAGING_DIR)]) + ["--", *arguments]
     logger.info("Packaging: monai-deploy package %s", " ".join(arguments))

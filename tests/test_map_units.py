@@ -24,17 +24,18 @@ from deploy_fixtures import APP_DIR
 from deploy_app import map as map_command
 
 
-def test_packager_accepts_the_shipped_manifest_and_the_pinned_sdk():
+def test_packager_accepts_the_written_manifest_and_the_pinned_sdk(tmp_path):
     """The packager's own checks: the manifest validates and lists the installed holoscan-cu13's version (the
-    unpinned SDK resolved to 4.6.0, which holoscan-cli 4.2.0 refuses)."""
+    unpinned SDK resolved to 4.6.0, which holoscan-cli 4.2.0 refuses) with our base image."""
     from holoscan_cli.common.artifact_sources import ArtifactSources
     from holoscan_cli.common.sdk_utils import detect_holoscan_version, validate_holoscan_sdk_version
 
     sources = ArtifactSources(13)
-    sources.load(str(APP_DIR / "packaging" / "artifacts.json"))
+    sources.load(str(map_command.write_release_manifest(tmp_path / "artifacts.json", "127.0.0.1:5000/base:tag")))
     installed = detect_holoscan_version()
     assert installed == map_command.HOLOSCAN_VERSION == importlib.metadata.version("holoscan-cli")
     validate_holoscan_sdk_version(sources, installed)
+    assert set(sources.base_image(installed).values()) == {"127.0.0.1:5000/base:tag"}
     requirements = (APP_DIR / "requirements.txt").read_text()
     pins = dict(re.findall(r"^(holoscan[\w-]*)==([\d.]+)", requirements, re.M))
     assert pins == {"holoscan-cu13": installed, "holoscan-cli": installed}  # the MAP installs the same SDK
