@@ -164,9 +164,18 @@ def pretrain(
     cached = CacheDataset(cases, deterministic, cache_rate=1.0, num_workers=0)
     views = Dataset(cached, transform=_TwoViews(_views(len(phases)), seed))
     loader = DataLoader(views, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
-    network = parser.get_parsed_content("network_def")
-    features = encoder_features(network, torch.zeros(2, *cached[0]["image"].shape)).shape[1]
-    head = ContrastiveHead(features)
+    network = parser.get_parsed_content("network")  # on the configured device and memory format
+    device = parser.get_parsed_content("device")
+    memory_format = (
+        torch.channels_last_3d if parser.get_parsed_content("use_channels_last") else torch.contiguous_format
+    )
+
+    def encode(image: torch.Tensor) -> torch.Tensor:
+        image = torch.as_tensor(image).as_subclass(torch.Tensor).to(device).contiguous(memory_format=memory_format)
+        return encoder_features(network, image)
+
+    features = encode(torch.zeros(2, *cached[0]["image"].shape)).shape[1]
+    head = ContrastiveHead(features).to(device)
     optimizer = torch.optim.Adam([*network.parameters(), *head.parameters()], lr=learning_rate)
     loss_fn = ContrastiveLoss(temperature=temperature)
     history = []
@@ -175,8 +184,7 @@ def pretrain(
     for epoch in range(epochs):
         total, steps = 0.0, 0
         for batch in tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{epochs}", leave=False):
-            first = head(encoder_features(network, torch.as_tensor(batch["image"])))
-            second = head(encoder_features(network, torch.as_tensor(batch["image_2"])))
+            first, second = head(encode(batch["image"])), head(encode(batch["image_2"]))
             loss = loss_fn(first, second)
             optimizer.zero_grad()
             loss.backward()
@@ -187,7 +195,7 @@ def pretrain(
     output = Path(os.fspath(output))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
-    torch.save(network.state_dict(), tmp)
+    torch.save({k: v.cpu() for k, v in network.state_dict().items()}, tmp)
     os.replace(tmp, output)
     set_determinism(seed=None)
     return {"cases": len(cases), "epochs": epochs, "loss": history, "seconds": round(time.perf_counter() - start, 1)}
