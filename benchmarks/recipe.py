@@ -57,7 +57,17 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 __all__ = ["VARIANTS", "run_one", "main"]
 
-#: Config ids of each variant, on top of train.json + cpu_light.json.
+#: The plain recipe (every piece off), under every variant, so that a variant means the same whatever the configs'
+#: defaults are.
+PLAIN: dict = {
+    "lesion_margin": [],
+    "liver_ratio": False,
+    "lesion_box_channel": False,
+    "augment_phase_intensity": False,
+    "augment_phase_shift": False,
+    "mixup_alpha": 0.0,
+}
+#: Config ids of each variant, on top of train.json + cpu_light.json and :data:`PLAIN`.
 VARIANTS: dict[str, dict] = {
     "f1": {},
     "liver_ratio": {"liver_ratio": True},
@@ -66,6 +76,15 @@ VARIANTS: dict[str, dict] = {
     "intensity": {"augment_phase_intensity": True},
     "shift": {"augment_phase_shift": True},
     "mixup": {"mixup_alpha": 0.4},
+    "margin2": {"lesion_margin": [2, 2, 1]},
+    "margin8": {"lesion_margin": [8, 8, 1]},
+    # starts from `python -m scripts.pretrain ... --output <work_dir>/pretrained_margin2.pt` (README)
+    "margin2_ssl": {"lesion_margin": [2, 2, 1], "resume_from": "{work_dir}/pretrained_margin2.pt"},
+    "margin1": {"lesion_margin": [1, 1, 1]},
+    "margin0": {"lesion_margin": [0, 0, 0]},
+    "margin2_box": {"lesion_margin": [2, 2, 1], "lesion_box_channel": True},
+    "margin4_ratio": {"lesion_margin": [4, 4, 1], "liver_ratio": True},
+    "margin4_box": {"lesion_margin": [4, 4, 1], "lesion_box_channel": True},
 }
 #: Learning-curve sizes (training cases, nested: the first N of the training folds in datalist order).
 CURVE_SIZES = (112, 224, 670, 1120)
@@ -244,7 +263,10 @@ def _specs(args: argparse.Namespace) -> list[dict]:
                 "study": args.study,
                 "dataset": dataset,
                 "variant": variant,
-                "override": {**VARIANTS.get(variant, {}), **json.loads(args.override or "{}")}
+                "override": {
+                    k: v.replace("{work_dir}", args.work_dir) if isinstance(v, str) else v
+                    for k, v in {**PLAIN, **VARIANTS.get(variant, {}), **json.loads(args.override or "{}")}.items()
+                }
                 if variant != "baseline"
                 else {},
                 "train_cases": n,
