@@ -239,7 +239,9 @@ def test_ensemble_as_one_network_torchscript_and_deploy_folder(tmp_path, folds):
     loads; a folder of the fold models' own exports gives the same probabilities and attention."""
     from deploy_app.bundle_access import load_model
     from deploy_app.domain import LesionROI
+    from deploy_app.errors import ModelPackageError
     from deploy_app.inference import classify_lesions
+    from deploy_app.preflight import check_model_package
 
     light = {
         "network_def#widen_factor": 0.0625,
@@ -292,6 +294,20 @@ def test_ensemble_as_one_network_torchscript_and_deploy_folder(tmp_path, folds):
         export([INFERENCE], path, f"fold{k}.ts").rename(folder / f"fold{k}.ts")
     model = load_model(folder, "cpu")
     assert len(model.members) == 5 and model.path == folder
+    assert check_model_package(folder) == sorted(folder.glob("fold*.ts"))  # the app's fail-fast check takes them all
     for a, b in zip(whole, classify_lesions(model, rois), strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
         np.testing.assert_allclose(a.attention, b.attention, atol=1e-5)
+    other = export([INFERENCE], fold_checkpoints(folds)[0], "other.ts")
+    config = json.loads((other.parent / "inference.json").read_text())
+    config["lesion_margin"] = [4, 4, 1]  # another preprocessing: not a member of this ensemble
+    (other.parent / "inference.json").write_text(json.dumps(config))
+    ckpt_export(
+        "network_def",
+        filepath=str(folder / "other.ts"),
+        ckpt_file=str(fold_checkpoints(folds)[0]),
+        meta_file=META,
+        config_file=str(other.parent / "inference.json"),
+    )
+    with pytest.raises(ModelPackageError, match="different bundles .*preprocessing_config"):
+        load_model(folder, "cpu")
