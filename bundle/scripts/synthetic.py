@@ -94,7 +94,7 @@ DEFAULT_PRESET = "realistic"
 
 #: Training cases the embedded default dataset adds to its preset's cases (``extra_training_cases`` of
 #: :func:`generate_dataset`): the preset's 350 cases, test split included, stay as they are.
-DEFAULT_EXTRA_TRAINING_CASES = 420
+DEFAULT_EXTRA_TRAINING_CASES = 560
 
 
 def _dataset_spec(preset: str, extra_training_cases: int = 0) -> dict:
