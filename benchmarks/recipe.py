@@ -412,7 +412,6 @@ def report(args: argparse.Namespace) -> dict:
     result = {"rows": rows, "ensembles": ensembles}
     if args.json:
         _write_atomic(result, Path(args.json))
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
         plot_curve(rows, Path(args.plot))
     return result
@@ -438,6 +437,11 @@ def plot_curve(rows: list[dict], path: Path) -> None:
     ]
     series += [
         (v, "last", f"network: {v}, last epoch") for v in sorted({r["variant"] for r in curve}) if v != "baseline"
+    ]
+    series += [
+        (v, "fusion_late", f"late fusion: {v} (best val F1) + baseline")
+        for v in sorted({r["variant"] for r in curve})
+        if v != "baseline"
     ]
     for variant, key, label in series:
         pts = sorted((r["train_cases"], r[key]) for r in curve if r["variant"] == variant and key in r)

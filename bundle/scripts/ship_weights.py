@@ -54,20 +54,30 @@ __all__ = ["inference_architecture", "main", "ship_weights"]
 
 BUNDLE = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE / "configs"
-#: Architecture ids of ``inference.json`` that the training run takes over.
-ARCHITECTURE_IDS = ("roi_size", "patch_size", "network_def#depth", "network_def#widen_factor", "network_def#stem")
+#: Ids of ``inference.json`` that the training run takes over: the network and how its input is prepared, so the
+#: shipped weights see in training what the deploy app gives them.
+SHIPPED_MODEL_IDS = (
+    "roi_size",
+    "patch_size",
+    "network_def#depth",
+    "network_def#widen_factor",
+    "network_def#stem",
+    "liver_ratio",
+    "lesion_margin",
+    "lesion_box_channel",
+)
 CARD_START, CARD_END = "<!-- shipped-weights:start -->", "<!-- shipped-weights:end -->"
 
 logger = logging.getLogger(__name__)
 
 
 def inference_architecture() -> dict:
-    """The network ids of ``configs/inference.json`` as overrides, e.g. ``{"roi_size": [64, 64, 8], ...}``."""
+    """The network and input ids of ``configs/inference.json`` as overrides, e.g. ``{"roi_size": [64, 64, 8], ...}``."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
-    return {key: parser[key] for key in ARCHITECTURE_IDS}
+    return {key: parser[key] for key in SHIPPED_MODEL_IDS}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -244,8 +254,9 @@ def _write_outputs(result: dict) -> None:
         f"{CARD_START}\n"
         f"Shipped `models/model.pt` (sha256 `{result['sha256']}`, seed {result['seed']}): depth "
         f"{arch['network_def#depth']}, widen_factor {arch['network_def#widen_factor']}, stem "
-        f"`{arch['network_def#stem']}`, ROI {'x'.join(map(str, arch['roi_size']))}, patch {arch['patch_size']}; "
-        f"trained {result['max_epochs']} epochs with `train.json`'s recipe on the {result['num_training_cases']} "
+        f"`{arch['network_def#stem']}`, ROI {'x'.join(map(str, arch['roi_size']))}, patch {arch['patch_size']}, "
+        f"lesion crop margin {arch['lesion_margin'] or 'none'} (voxels); trained {result['max_epochs']} epochs with "
+        f"`train.json` and these `inference.json` settings on the {result['num_training_cases']} "
         f"training cases of the synthetic default dataset `{result['dataset']}` (fold 0 held out for model "
         f"selection), scored on its {result['num_test_cases']} synthetic test lesions; the same command with seeds "
         f"{', '.join(map(str, result['seeds']))} (mean ± sd; the radiomics baseline's random forest and the late "
