@@ -367,7 +367,7 @@ def report(args: argparse.Namespace) -> dict:
         groups.setdefault((r["study"], r["dataset"], r["variant"], r["train_cases"], r["fold"]), []).append(r)
     rows = []
     for (study, dataset, variant, n, fold), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        row = {"study": study, "dataset": dataset, "variant": variant, "train_cases": n, "fold": fold}
+        row = {"study": study, "dataset": Path(dataset).name, "variant": variant, "train_cases": n, "fold": fold}
         for ck in rs[0]["checkpoints"]:
             row[ck] = _mean_sd([r["checkpoints"][ck]["test"]["f1"] for r in rs])
             row[f"{ck}_kappa"] = _mean_sd([r["checkpoints"][ck]["test"]["kappa"] for r in rs])
@@ -402,7 +402,7 @@ def report(args: argparse.Namespace) -> dict:
                 _scores(probs_last, rs[0]["labels"])["f1"]
             )
     for (dataset, variant), values in sorted(by_variant.items()):
-        ensembles.append({"dataset": dataset, "variant": variant, "ensemble_f1": _mean_sd(values)})
+        ensembles.append({"dataset": Path(dataset).name, "variant": variant, "ensemble_f1": _mean_sd(values)})
     for row in rows:
         cells = [f"{k}={_fmt_cell(v)}" for k, v in row.items() if k in (*CHECKPOINTS, "baseline", "fusion_late")]
         print(f"{row['study']:7} {row['dataset']:10} {row['variant']:12} n={row['train_cases']!s:5} "

@@ -48,7 +48,13 @@ ENSEMBLE_INFERENCE = str(CONFIGS / "ensemble_inference.json")
 META, LOGGING = str(CONFIGS / "metadata.json"), str(CONFIGS / "logging.conf")
 #: The recipe's input options all on.
 RECIPE = {"liver_ratio": True, "lesion_margin": [4, 4, 1], "lesion_box_channel": True}
-TINY = {"network_def#widen_factor": 0.0625, "batch_size": 4, "num_workers": 0, "num_threads": 1}
+TINY = {
+    "network_def#widen_factor": 0.0625,
+    "network_def#stem": "resnet",
+    "batch_size": 4,
+    "num_workers": 0,
+    "num_threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
