@@ -21,15 +21,23 @@ fi
   --meta_file bundle/configs/metadata.json \
   --config_file "[$configs]" \
   --logging_file bundle/configs/logging.conf "$@"
+rm -f bundle/eval/metrics.json bundle/eval/baseline/metrics.json bundle/eval/fusion/metrics.json  # no stale row
 .venv/bin/python -m monai.bundle run evaluating \
   --meta_file bundle/configs/metadata.json \
   --config_file "[$configs,'bundle/configs/evaluate.json']" \
   --logging_file bundle/configs/logging.conf "$@"
 .venv/bin/python - <<'PY'
 import json
-rows = [("network (LCA-DB)", "bundle/eval/metrics.json"), ("radiomics baseline", "bundle/eval/baseline/metrics.json")]
+import os
+rows = [
+    ("network (LCA-DB)", "bundle/eval/metrics.json"),
+    ("radiomics baseline", "bundle/eval/baseline/metrics.json"),
+    ("late fusion", "bundle/eval/fusion/metrics.json"),
+]
 print(f"\n[result] {'test split':<19} {'macro-F1':>8} {'kappa':>7} {'AUC':>7}   (F1/kappa as the official metrics.py)")
 for name, path in rows:
-    m = json.load(open(path))
-    print(f"[result] {name:<19} {m['f1']:8.3f} {m['kappa']:7.3f} {m['auc']:7.3f}   {path}")
+    if os.path.isfile(path):
+        m = json.load(open(path))
+        weight = f" (network weight {m['fusion_weight']:.2f})" if "fusion_weight" in m else ""
+        print(f"[result] {name:<19} {m['f1']:8.3f} {m['kappa']:7.3f} {m['auc']:7.3f}   {path}{weight}")
 PY

@@ -25,7 +25,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .bundle_access import INFERENCE_CONFIG, PREPROCESSING_ID, find_model_file
+from .bundle_access import INFERENCE_CONFIG, PREPROCESSING_ID, find_model_files
 from .errors import ModelPackageError, StudyInputError
 
 __all__ = ["check_model_package", "check_output_folder", "timed_stage"]
@@ -33,15 +33,19 @@ __all__ = ["check_model_package", "check_output_folder", "timed_stage"]
 logger = logging.getLogger(__name__)
 
 
-def check_model_package(path: Path) -> Path:
-    """The model file of ``path`` (see :func:`deploy_app.bundle_access.find_model_file`), checked without loading the
-    network: a TorchScript archive embedding the bundle's ``metadata.json`` (name, version, class names) and its
-    ``inference.json`` (with the ``image_preprocessing`` id).
+def check_model_package(path: Path) -> list[Path]:
+    """The model files of ``path`` (one, or the members of an ensemble; see
+    :func:`deploy_app.bundle_access.find_model_files`), each checked without loading the network: a TorchScript
+    archive embedding the bundle's ``metadata.json`` (name, version, class names) and its ``inference.json`` (with
+    the ``image_preprocessing`` id).
 
     Raises:
         ModelPackageError: naming the file and what is missing from it.
     """
-    file = find_model_file(Path(path))
+    return [_check_model_file(file) for file in find_model_files(Path(path))]
+
+
+def _check_model_file(file: Path) -> Path:
     try:
         with zipfile.ZipFile(file) as archive:
             extra = {

@@ -192,26 +192,33 @@ def test_zoo_style_train_evaluate_infer_export(tmp_path):
 
 
 def test_checkpoint_of_another_size_names_the_config_to_merge(tmp_path):
-    """The shipped inference.json with a cpu_light.json checkpoint: a ValueError naming cpu_light.json."""
+    """The shipped inference.json with a paper-size checkpoint (train.json's defaults): a ValueError naming
+    paper_size.json. A checkpoint of the light CPU preset (the main job's) loads as it is: same network."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "cpu_light.json")])
-    ckpt = tmp_path / "light.pt"
-    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
-    workflow = ConfigWorkflow(
-        workflow_type="infer",
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=META,
-        logging_file=LOGGING,
-        bundle_root=str(tmp_path),
-        ckpt_path=str(ckpt),
-        input_path=str(tmp_path / "no_cases"),
-    )
-    workflow.initialize()
-    loader = workflow.parser.get_parsed_content("handlers#0")
-    with pytest.raises(ValueError, match=r"light\.pt does not fit.*fits configs/cpu_light\.json: merge"):
-        loader(workflow.evaluator)  # what the evaluator calls on Events.STARTED
+    def checkpoint(config_files: list[str], name: str) -> Path:
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in config_files])
+        path = tmp_path / name
+        torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+        return path
+
+    def load_into_inference_network(ckpt: Path) -> None:
+        workflow = ConfigWorkflow(
+            workflow_type="infer",
+            config_file=str(CONFIGS / "inference.json"),
+            meta_file=META,
+            logging_file=LOGGING,
+            bundle_root=str(tmp_path),
+            ckpt_path=str(ckpt),
+            input_path=str(tmp_path / "no_cases"),
+        )
+        workflow.initialize()
+        workflow.parser.get_parsed_content("handlers#0")(workflow.evaluator)  # what the evaluator calls first
+
+    load_into_inference_network(checkpoint(["train.json", "cpu_light.json"], "light.pt"))
+    with pytest.raises(ValueError, match=r"paper\.pt does not fit.*fits configs/paper_size\.json .*: merge"):
+        load_into_inference_network(checkpoint(["train.json"], "paper.pt"))
 
 
 def test_inference_command_from_another_directory(shipped_weights, tmp_path):

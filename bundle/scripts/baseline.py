@@ -40,9 +40,20 @@ import numpy as np
 
 from .constants import LESION_CLASSES, PHASES, ROI_MARGIN
 from .evaluation import METRIC_NAMES, ClassificationReport, classification_scores
+from .roi import lesion_box_slices, liver_reference_level
 from .training import load_datalist
 
-__all__ = ["BASELINE_MODELS", "case_features", "cross_validate", "evaluate_baseline", "fit_baseline", "main"]
+__all__ = [
+    "BASELINE_MODELS",
+    "baseline_probabilities",
+    "case_features",
+    "cross_validate",
+    "evaluate_baseline",
+    "fit_baseline",
+    "main",
+    "report_probabilities",
+    "split_cases",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +79,10 @@ def feature_names(phases: Sequence[str] = PHASES) -> list[str]:
     return [f"{p}:{f}" for p in phases for f in _PHASE_FEATURES] + list(_SHAPE_FEATURES)
 
 
-def _inner(shape: Sequence[int], margin: Sequence[int]) -> tuple[slice, slice, slice]:
-    """The lesion box inside a crop: the crop minus its margin (a margin the crop cannot hold is dropped)."""
-    return tuple(slice(m, s - m) if s > 2 * m else slice(0, s) for s, m in zip(shape, margin))  # type: ignore[return-value]
-
-
 def _phase_features(array: np.ndarray, margin: Sequence[int]) -> list[float]:
     a = np.asarray(array, dtype=np.float64)
-    box = _inner(a.shape, margin)
-    lesion = a[box]
-    zs = box[2]
-    ring_mask = np.ones(a.shape[:2], dtype=bool)
-    half = [max(m // 2, 1) for m in margin[:2]]
-    ring_mask[half[0] : a.shape[0] - half[0], half[1] : a.shape[1] - half[1]] = False
-    ring = a[:, :, zs][ring_mask]
-    ring = ring[ring > 0] if (ring > 0).any() else ring  # zero padding outside the image is not tissue
-    ref = max(float(np.median(ring)) if ring.size else 1.0, 1e-3)
+    lesion = a[lesion_box_slices(a.shape, margin)]
+    ref, ring = liver_reference_level(a, margin)
     x = lesion / ref
     mean, std = float(x.mean()), float(x.std())
     centred = x - mean
@@ -166,6 +165,41 @@ def _probabilities(pipeline, features: np.ndarray, num_classes: int) -> np.ndarr
     return out
 
 
+def split_cases(dataset_dir: str | os.PathLike, split: str, fold: int, phases: Sequence[str] = PHASES) -> list[dict]:
+    """The cases of ``split``: a datalist section (``"test"``...) or ``"val"``, the validation fold ``fold``."""
+    if split == "val":
+        return load_datalist(dataset_dir, "training", fold=fold, subset="val", phases=phases)
+    return load_datalist(dataset_dir, split, phases=phases)
+
+
+def baseline_probabilities(
+    dataset_dir: str | os.PathLike,
+    fold: int = 0,
+    splits: Sequence[str] = ("test",),
+    model: str = "random_forest",
+    phases: Sequence[str] = PHASES,
+    num_classes: int = len(LESION_CLASSES),
+    seed: int = 0,
+    max_training_cases: int | None = None,
+) -> tuple[int, dict[str, tuple[list[dict], np.ndarray]]]:
+    """Fit the baseline on the network's training cases (``training`` split, folds != ``fold``, the first
+    ``max_training_cases`` of them when given) and predict the cases of every split of ``splits`` (see
+    :func:`split_cases`).
+
+    Returns:
+        ``(number of training cases, {split: (cases, probabilities [N, num_classes])})``.
+    """
+    train = load_datalist(
+        dataset_dir, "training", fold=fold, subset="train", phases=phases, max_cases=max_training_cases
+    )
+    pipeline = fit_baseline(_features(train, phases), np.array([c["label"] for c in train]), model=model, seed=seed)
+    out = {}
+    for split in splits:
+        cases = split_cases(dataset_dir, split, fold, phases)
+        out[split] = (cases, _probabilities(pipeline, _features(cases, phases), num_classes))
+    return len(train), out
+
+
 def evaluate_baseline(
     dataset_dir: str | os.PathLike,
     fold: int = 0,
@@ -177,35 +211,54 @@ def evaluate_baseline(
     team_name: str = "LCADB_baseline",
     seed: int = 0,
     plots: bool = True,
+    max_training_cases: int | None = None,
 ) -> dict:
-    """Train the baseline on the network's training cases (``training`` split, folds != ``fold``) and score it on
-    ``eval_split`` (``"val"`` = the validation fold). Writes a :class:`~scripts.evaluation.ClassificationReport`
-    (metrics.json, plots, submission) to ``output_dir`` when given.
+    """Train the baseline on the network's training cases (``training`` split, folds != ``fold``, the first
+    ``max_training_cases`` of them when given) and score it on ``eval_split`` (``"val"`` = the validation fold).
+    Writes a :class:`~scripts.evaluation.ClassificationReport` (metrics.json, plots, submission) to ``output_dir``
+    when given.
 
     Returns:
         the metrics dict (``accuracy``, ``f1``, ``kappa``, ``auc``, ``f1_kappa``, ``num_cases``...).
     """
-    train = load_datalist(dataset_dir, "training", fold=fold, subset="train", phases=phases)
-    if eval_split == "val":
-        test = load_datalist(dataset_dir, "training", fold=fold, subset="val", phases=phases)
-    else:
-        test = load_datalist(dataset_dir, eval_split, phases=phases)
-    pipeline = fit_baseline(_features(train, phases), np.array([c["label"] for c in train]), model=model, seed=seed)
-    probabilities = _probabilities(pipeline, _features(test, phases), len(class_names))
-    labels = [c.get("label") for c in test]
+    num_train, predicted = baseline_probabilities(
+        dataset_dir, fold, (eval_split,), model, phases, len(class_names), seed, max_training_cases
+    )
+    test, probabilities = predicted[eval_split]
+    return report_probabilities(
+        test,
+        probabilities,
+        output_dir,
+        class_names,
+        team_name,
+        plots,
+        f"baseline ({model}, {num_train} training cases)",
+    )
+
+
+def report_probabilities(
+    cases: Sequence[dict],
+    probabilities: np.ndarray,
+    output_dir: str | os.PathLike | None,
+    class_names: Sequence[str],
+    team_name: str,
+    plots: bool,
+    what: str,
+) -> dict:
+    """Score (and, with ``output_dir``, write the :class:`~scripts.evaluation.ClassificationReport` of) the
+    probabilities of ``cases``; logs the scores as ``what``."""
+    labels = [c.get("label") for c in cases]
     records = [
-        (str(c["case"]), p.tolist(), None if y is None else int(y)) for c, p, y in zip(test, probabilities, labels)
+        (str(c["case"]), p.tolist(), None if y is None else int(y)) for c, p, y in zip(cases, probabilities, labels)
     ]
     if output_dir is not None:
         metrics = ClassificationReport(output_dir, class_names, team_name=team_name, plots=plots).write(records)
     else:
         metrics = classification_scores(probabilities, np.array(labels))
-        metrics["num_cases"] = len(test)
+        metrics["num_cases"] = len(cases)
     logger.info(
-        "baseline (%s, %d training cases) on %s: %s",
-        model,
-        len(train),
-        eval_split,
+        "%s: %s",
+        what,
         ", ".join(f"{n}={metrics[n]:.4f}" for n in METRIC_NAMES if metrics.get(n) is not None),
     )
     return metrics

@@ -59,7 +59,7 @@ def mismatch_message(
         return None
     fits = fitting_configs(checkpoint_state)
     hint = (
-        f"it fits {' and '.join(fits)}: merge that config file after the others (--config_file \"[..., "
+        f'it fits {" and ".join(fits)}: merge that config file after the others (--config_file "[..., '
         f"'configs/<file>']\")"
         if fits
         else "no config of this bundle fits it: set roi_size, patch_size and network_def#depth/widen_factor/stem "

@@ -51,6 +51,7 @@ __all__ = [
     "ClassificationScore",
     "classification_metrics",
     "classification_scores",
+    "predict_cases",
     "write_json_atomic",
 ]
 
@@ -127,6 +128,44 @@ def classification_scores(
             aucs = [a for a in _per_class_auc(labels, probabilities) if not math.isnan(a)]
             scores[name] = float(np.mean(aucs)) if aucs else float("nan")
     return scores
+
+
+def predict_cases(
+    network: torch.nn.Module,
+    cases: Sequence[Mapping],
+    transform: Callable | None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    case_key: str = "case",
+) -> dict[str, list[float]]:
+    """Class probabilities (softmax of the bag logits) of every case, by case name, with ``network`` in eval mode.
+
+    Args:
+        network: an :class:`~scripts.network.LCADB` (its ``logits`` are used) or a network returning logits.
+        cases: datalist entries (``load_datalist``).
+        transform: the deterministic preprocessing of the evaluation (``validate#preprocessing``); None when the
+            cases are preprocessed already.
+        device: where the network runs.
+        batch_size: cases per forward pass.
+        case_key: key of the case name.
+    """
+    from monai.data import DataLoader, Dataset
+
+    from .training import SelectOutputInferer
+
+    inferer = SelectOutputInferer("logits")
+    out: dict[str, list[float]] = {}
+    training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            for batch in DataLoader(Dataset(list(cases), transform), batch_size=batch_size, shuffle=False):
+                image = torch.as_tensor(batch["image"]).as_subclass(torch.Tensor).to(device)
+                probabilities = torch.softmax(inferer(image, network).float(), dim=1).cpu().tolist()
+                out.update(zip((str(c) for c in batch[case_key]), probabilities))
+    finally:
+        network.train(training)
+    return out
 
 
 def _gather(obj: Any) -> list[Any]:

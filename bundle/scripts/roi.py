@@ -24,7 +24,15 @@ import numpy as np
 
 from .constants import ROI_MARGIN
 
-__all__ = ["Box", "box_from_mask", "check_box", "crop_lesion_roi", "roi_slices"]
+__all__ = [
+    "Box",
+    "box_from_mask",
+    "check_box",
+    "crop_lesion_roi",
+    "lesion_box_slices",
+    "liver_reference_level",
+    "roi_slices",
+]
 
 #: Half-open voxel box ``(x0, y0, z0, x1, y1, z1)``.
 Box = tuple[int, int, int, int, int, int]
@@ -147,3 +155,48 @@ def box_from_mask(mask: np.ndarray) -> Box:
     lo = [int(a.min()) for a in nz]
     hi = [int(a.max()) + 1 for a in nz]
     return (lo[0], lo[1], lo[2], hi[0], hi[1], hi[2])
+
+
+def lesion_box_slices(spatial_shape: Sequence[int], margin: Sequence[int] = ROI_MARGIN) -> tuple[slice, slice, slice]:
+    """Where the lesion box lies inside a ROI crop: the crop minus ``margin`` on each side (the inverse of
+    :func:`crop_lesion_roi`); along an axis too short to hold twice the margin (a crop clipped at the volume border),
+    the whole axis.
+
+    Args:
+        spatial_shape: ``(X, Y, Z)`` of the crop.
+        margin: the margin the crop was cut with, default ``ROI_MARGIN`` (16, 16, 2).
+
+    Returns:
+        three slices on the crop's spatial axes.
+
+    Raises:
+        ValueError: when ``spatial_shape`` or ``margin`` does not have 3 entries.
+    """
+    if len(spatial_shape) != 3 or len(margin) != 3:
+        raise ValueError(f"spatial_shape and margin need 3 entries, got {tuple(spatial_shape)} and {tuple(margin)}.")
+    return tuple(  # type: ignore[return-value]
+        slice(int(m), int(s) - int(m)) if int(s) > 2 * int(m) else slice(0, int(s))
+        for s, m in zip(spatial_shape, margin)
+    )
+
+
+def liver_reference_level(crop: np.ndarray, margin: Sequence[int] = ROI_MARGIN) -> tuple[float, np.ndarray]:
+    """The signal level of the tissue around a lesion in one phase's ROI crop ``[X, Y, Z]``: the median of the outer
+    in-plane ring of the margin (half its width, mostly liver; a capsule or halo next to the lesion is left out) on
+    the lesion's slices, zero voxels (padding outside the image) excluded.
+
+    Args:
+        crop: one phase's crop ``[X, Y, Z]``, as cut by :func:`crop_lesion_roi` with ``margin``.
+        margin: the margin the crop was cut with, default ``ROI_MARGIN``.
+
+    Returns:
+        ``(level, ring)``: the level (at least 1e-3; 1 when the ring is empty) and the ring's voxel values.
+    """
+    a = np.asarray(crop, dtype=np.float64)
+    zs = lesion_box_slices(a.shape, margin)[2]
+    ring_mask = np.ones(a.shape[:2], dtype=bool)
+    half = [max(int(m) // 2, 1) for m in margin[:2]]
+    ring_mask[half[0] : a.shape[0] - half[0], half[1] : a.shape[1] - half[1]] = False
+    ring = a[:, :, zs][ring_mask]
+    ring = ring[ring > 0] if (ring > 0).any() else ring  # zero padding outside the image is not tissue
+    return max(float(np.median(ring)) if ring.size else 1.0, 1e-3), ring

@@ -43,6 +43,7 @@ from .roi import box_from_mask, crop_lesion_roi, roi_slices
 __all__ = [
     "DEFAULT_DATASET_NAME",
     "DEFAULT_DATASET_SPEC",
+    "DEFAULT_EXTRA_TRAINING_CASES",
     "DEFAULT_PRESET",
     "PRESETS",
     "default_dataset_name",
@@ -91,21 +92,31 @@ PRESETS: dict[str, dict] = {
 #: Preset of the embedded default dataset (the main job's data).
 DEFAULT_PRESET = "realistic"
 
+#: Training cases the embedded default dataset adds to its preset's cases (``extra_training_cases`` of
+#: :func:`generate_dataset`): the preset's 350 cases, test split included, stay as they are.
+DEFAULT_EXTRA_TRAINING_CASES = 560
 
-def _dataset_spec(preset: str) -> dict:
+
+def _dataset_spec(preset: str, extra_training_cases: int = 0) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
-    return {
+    if extra_training_cases < 0:
+        raise ValueError(f"extra_training_cases must be >= 0, got {extra_training_cases}.")
+    spec = {
         "preset": preset,
         "seed": 20240601,
         "site": ("site_a", "site_b", "site_c"),
         "test_fraction": 0.2,
         **PRESETS[preset],
     }
+    if extra_training_cases:  # absent when 0, so that a preset's own dataset keeps its cache name
+        spec["extra_training_cases"] = int(extra_training_cases)
+    return spec
 
 
-#: The embedded default dataset: the ``realistic`` preset, 350 cases (80 % training in 5 folds, 20 % test), all sites.
-DEFAULT_DATASET_SPEC: dict = _dataset_spec(DEFAULT_PRESET)
+#: The embedded default dataset: the ``realistic`` preset (350 cases: 280 training cases in 5 folds, 70 test cases),
+#: all sites, plus :data:`DEFAULT_EXTRA_TRAINING_CASES` training cases drawn the same way.
+DEFAULT_DATASET_SPEC: dict = _dataset_spec(DEFAULT_PRESET, DEFAULT_EXTRA_TRAINING_CASES)
 
 _SITE_INDEX = {name: i for i, name in enumerate(sorted(SITE_PROFILES))}
 
@@ -399,6 +410,7 @@ def generate_dataset(
     overwrite: bool = False,
     progress: bool = True,
     num_workers: int = 0,
+    extra_training_cases: int = 0,
 ) -> Path:
     """Generate a classification dataset in the LLD-MMRI layout the bundle trains on.
 
@@ -418,6 +430,10 @@ def generate_dataset(
         overwrite: replace an existing ``output_dir``.
         progress: show a tqdm progress bar.
         num_workers: worker processes (0 or 1: this process); the output does not depend on it.
+        extra_training_cases: more ``training`` cases (with folds), in the class proportions of
+            ``num_cases_per_class``, appended after the others. They are drawn after every other draw, so the
+            dataset without them (same other arguments) has the same cases, split and folds: only the training
+            split grows.
 
     Returns:
         Path of ``datalist.json``.
@@ -427,6 +443,8 @@ def generate_dataset(
         FileExistsError: when ``output_dir`` exists and ``overwrite`` is False.
     """
     counts = _normalise_counts(num_cases_per_class)
+    if extra_training_cases < 0:
+        raise ValueError(f"extra_training_cases must be >= 0, got {extra_training_cases}.")
     sites = [site] if isinstance(site, str) else list(site)
     if not sites:
         raise ValueError("site must name at least one site profile.")
@@ -448,11 +466,36 @@ def generate_dataset(
     folds = stratified_folds([e[1] for e in train], num_folds, rng)
     fold_of = {e[0]: f for e, f in zip(train, folds)}
     specs = [_Spec(e[0], e[1], e[2], e[3], fold_of.get(e[0])) for e in named]
+    if extra_training_cases:
+        specs += _extra_training_specs(counts, sites, extra_training_cases, num_folds, seed, case_prefix, len(specs))
     target = Path(output_dir)
     with atomic_directory(target, overwrite=overwrite) as tmp:
         _write_cases(tmp, specs, seed, options, progress, num_workers)
     logger.info("wrote %d cases to %s", len(specs), target)
     return target / "datalist.json"
+
+
+def _extra_training_specs(
+    counts: Sequence[int],
+    sites: Sequence[str],
+    num_cases: int,
+    num_folds: int,
+    seed: int,
+    case_prefix: str,
+    first_index: int,
+) -> list[_Spec]:
+    """``num_cases`` more training cases in the proportions of ``counts``; each class continues its own case index
+    ``k`` (so no case repeats one of the dataset), drawn with a random stream of their own."""
+    share = np.asarray(counts, dtype=np.float64) / sum(counts) * num_cases
+    extra = np.floor(share).astype(int)
+    for i in np.argsort(-(share - extra), kind="stable")[: num_cases - int(extra.sum())]:
+        extra[i] += 1
+    rng = np.random.default_rng([int(seed), 8])
+    entries = [(label, sites[k % len(sites)], k) for label, n in enumerate(counts) for k in range(n, n + extra[label])]
+    order = rng.permutation(len(entries))
+    named = [(f"{case_prefix}{first_index + i:04d}", *entries[j]) for i, j in enumerate(order)]
+    folds = stratified_folds([e[1] for e in named], num_folds, rng)
+    return [_Spec(e[0], e[1], e[2], e[3], f) for e, f in zip(named, folds)]
 
 
 def generate_federated_datasets(
@@ -515,13 +558,21 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lcadb"
 
 
-def default_dataset_name(preset: str | None = None) -> str:
-    """Cache folder name of the default dataset (or of ``preset``'s): the prefix plus a fingerprint of its spec and
-    of the generator's code.
+def _spec_of(preset: str | None, extra_training_cases: int | None) -> dict:
+    """The default spec (``preset`` None and ``extra_training_cases`` None), else ``preset``'s (default preset when
+    None) with ``extra_training_cases`` (0 when None) more training cases."""
+    if preset is None and extra_training_cases is None:
+        return DEFAULT_DATASET_SPEC
+    return _dataset_spec(preset or DEFAULT_PRESET, extra_training_cases or 0)
+
+
+def default_dataset_name(preset: str | None = None, extra_training_cases: int | None = None) -> str:
+    """Cache folder name of the default dataset (or of ``preset``'s, with ``extra_training_cases``): the prefix plus a
+    fingerprint of its spec and of the generator's code.
 
     Any change of the generator gives a new folder, so a cache never serves data an older generator wrote.
     """
-    spec = DEFAULT_DATASET_SPEC if preset is None else _dataset_spec(preset)
+    spec = _spec_of(preset, extra_training_cases)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     here = Path(__file__).resolve().parent
     for module in ("synthetic.py", "_synth_phantom.py", "_synth_io.py", "constants.py"):
@@ -534,6 +585,7 @@ def default_dataset(
     progress: bool = True,
     num_workers: int | None = None,
     preset: str | None = None,
+    extra_training_cases: int | None = None,
 ) -> Path:
     """The embedded default dataset (:data:`DEFAULT_DATASET_SPEC`), generated once and cached.
 
@@ -542,16 +594,19 @@ def default_dataset(
             ``<cache_dir>/<default_dataset_name()>``.
         progress: show a progress bar while generating.
         num_workers: worker processes for the first generation; None = number of CPUs (at most 8).
-        preset: a :data:`PRESETS` name instead of the default spec (e.g. ``"classic"``, the easy earlier default).
+        preset: a :data:`PRESETS` name instead of the default spec (e.g. ``"classic"``, the easy earlier default, or
+            ``"realistic"``, the default's 350 cases without its extra training cases).
+        extra_training_cases: training cases added to the preset's (same test split); None: the default spec's
+            :data:`DEFAULT_EXTRA_TRAINING_CASES` without ``preset``, else 0.
 
     Returns:
         The dataset root (holding ``datalist.json``).
     """
-    target = _cache_root(cache_dir) / default_dataset_name(preset)
+    target = _cache_root(cache_dir) / default_dataset_name(preset, extra_training_cases)
     marker = target / "datalist.json"
     if marker.is_file():
         return target
-    spec = dict(DEFAULT_DATASET_SPEC if preset is None else _dataset_spec(preset))
+    spec = dict(_spec_of(preset, extra_training_cases))
     spec.pop("preset", None)
     options = SynthOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.pop("options", {}).items()})
     try:
@@ -572,16 +627,28 @@ class DefaultDatasetPath(os.PathLike):
 
     Args:
         cache_dir: cache folder, as for :func:`default_dataset`.
+        preset: a :data:`PRESETS` name instead of the default spec, as for :func:`default_dataset`
+            (``--dataset_dir#preset classic`` on the command line).
+        extra_training_cases: as for :func:`default_dataset` (``--dataset_dir#extra_training_cases 1120``).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        preset: str | None = None,
+        extra_training_cases: int | None = None,
+    ) -> None:
+        _spec_of(preset, extra_training_cases)  # a bad preset or count fails when the config is parsed
         self.cache_dir = cache_dir
+        self.preset = preset
+        self.extra_training_cases = extra_training_cases
 
     def __fspath__(self) -> str:
-        return str(default_dataset(self.cache_dir))
+        return str(default_dataset(self.cache_dir, preset=self.preset, extra_training_cases=self.extra_training_cases))
 
     def __repr__(self) -> str:
-        return f"DefaultDatasetPath({str(_cache_root(self.cache_dir) / default_dataset_name())!r})"
+        name = default_dataset_name(self.preset, self.extra_training_cases)
+        return f"DefaultDatasetPath({str(_cache_root(self.cache_dir) / name)!r})"
 
 
 # --------------------------------------------------------------------------------- released layout
@@ -770,6 +837,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache-dir", type=Path, default=None, help="default $LCADB_CACHE or ~/.cache/lcadb")
     sp.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
     sp.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"default {DEFAULT_PRESET}")
+    sp.add_argument(
+        "--extra-training-cases",
+        type=int,
+        default=None,
+        help=f"training cases added to the preset's (default {DEFAULT_EXTRA_TRAINING_CASES} without --preset, else 0)",
+    )
 
     sp = sub.add_parser("federated", help="one dataset per site plus a pooled held-out test set")
     sp.add_argument("output_dir", type=Path)
@@ -834,7 +907,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(path)
     elif args.command == "default":
-        print(default_dataset(args.cache_dir, num_workers=args.workers, preset=args.preset))
+        print(
+            default_dataset(
+                args.cache_dir,
+                num_workers=args.workers,
+                preset=args.preset,
+                extra_training_cases=args.extra_training_cases,
+            )
+        )
     elif args.command == "federated":
         paths = generate_federated_datasets(
             args.output_dir,

@@ -12,9 +12,9 @@
 
 - :func:`load_datalist`: the datalist of a dataset folder, checked case by case, split by fold.
 - :class:`LCADBTrainingLoss`: the scalar loss ``SupervisedTrainer`` expects, from :class:`~.loss.LCADBLoss`'s
-  terms; it follows the epoch for the ramp-up and logs every term.
+  terms; it follows the epoch for the ramp-up, logs every term and takes mixup targets.
 - :class:`SelectOutputInferer`: the bag logits out of :class:`~.network.LCADBOutput` for evaluators.
-- :class:`LCADBPrepareBatch`: plain tensors on the device, optionally ``channels_last_3d``.
+- :class:`LCADBPrepareBatch`: plain tensors on the device, optionally ``channels_last_3d``, optionally mixed up.
 - :class:`AtomicCheckpointSaver`, :class:`ResumeFromCheckpoint`: checkpoints written to a temporary file then
   renamed (nothing half-written in ``models/``), and resuming from them.
 - :class:`ProgressBar`: a tqdm bar showing the loss.
@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
 from monai.engines.utils import IterationEvents, PrepareBatch
@@ -77,6 +78,7 @@ def load_datalist(
     datalist_file: str | os.PathLike | None = None,
     phases: Sequence[str] = PHASES,
     num_classes: int = _NUM_CLASSES,
+    max_cases: int | None = None,
 ) -> list[dict]:
     """The checked cases of one split of a dataset in the LCA-DB classification layout.
 
@@ -92,6 +94,8 @@ def load_datalist(
         datalist_file: datalist path; defaults to ``<dataset_dir>/datalist.json``.
         phases: phase keys each case must have, in network channel order, defaults to ``constants.PHASES``.
         num_classes: labels must lie in ``[0, num_classes)``, defaults to 7.
+        max_cases: keep the first ``max_cases`` cases of the subset, in datalist order (nested subsets for a
+            learning curve: the embedded dataset lists its extra training cases after the others); None keeps all.
 
     Returns:
         entries ``{"case", "label", "fold", <phase>: absolute path, ...}`` (the ``image`` list of relative
@@ -99,9 +103,12 @@ def load_datalist(
 
     Raises:
         FileNotFoundError: when the dataset folder, the datalist or a case's file does not exist.
-        ValueError: for an unknown split or subset, a missing fold, a case without every phase, or a bad label.
+        ValueError: for an unknown split or subset, a missing fold, a case without every phase, a bad label, or a
+            ``max_cases`` below 1 or above the number of cases.
     """
     subset = look_up_option(subset, SUBSETS)
+    if max_cases is not None and int(max_cases) < 1:
+        raise ValueError(f"max_cases must be a positive number of cases or None, got {max_cases}.")
     if subset != "all" and fold is None:
         raise ValueError(f"subset='{subset}' needs the validation fold, got fold=None.")
     root = Path(os.fspath(dataset_dir)).expanduser()
@@ -130,6 +137,13 @@ def load_datalist(
             raise ValueError(f"fold must be one of {folds} in {datalist_path} '{split}', got {fold}.")
         keep = (lambda f: f == int(fold)) if subset == "val" else (lambda f: f != int(fold))
         items = [item for item in items if keep(int(item["fold"]))]
+    if max_cases is not None:
+        if int(max_cases) > len(items):
+            raise ValueError(
+                f"max_cases={max_cases} but {datalist_path} '{split}' (subset '{subset}', fold {fold}) holds "
+                f"{len(items)} cases."
+            )
+        items = items[: int(max_cases)]
     cases = []
     for index, item in enumerate(items):
         if split == "training" and "label" not in item:
@@ -174,6 +188,7 @@ class LCADBTrainingLoss(nn.Module):
         self.loss = LCADBLoss() if loss is None else loss
         self.pred_field = pred_field
         self.last_terms: dict[str, float] = {}
+        self.mixup_labels: torch.Tensor | None = None
         self._sums: dict[str, float] = {}
         self._count = 0
 
@@ -190,12 +205,21 @@ class LCADBTrainingLoss(nn.Module):
         """
         Args:
             pred: the network's :class:`~.network.LCADBOutput`.
-            target: class indices ``[B]`` or ``[B, 1]``.
+            target: class indices ``[B]`` or ``[B, 1]``, or the mixup target ``[B, 3]`` (float rows
+                ``(y_i, y_j, l)``, :class:`LCADBPrepareBatch`): every term is then ``l * term(y_i) + (1 - l) *
+                term(y_j)``.
 
         Returns:
             the scalar ``total`` loss.
         """
-        terms = self.loss(pred, target)
+        if target.is_floating_point() and target.dim() == 2 and target.shape[1] == 3:
+            lam = float(target[0, 2])
+            first, second = self.loss(pred, target[:, 0].long()), self.loss(pred, target[:, 1].long())
+            terms = {name: lam * first[name] + (1.0 - lam) * second[name] for name in first}
+            self.mixup_labels = target[:, 0].long()
+        else:
+            terms = self.loss(pred, target)
+            self.mixup_labels = None
         values = torch.stack([value.detach().float() for value in terms.values()]).tolist()  # one device sync
         self.last_terms = dict(zip(terms, values))
         return terms["total"]
@@ -219,6 +243,8 @@ class LCADBTrainingLoss(nn.Module):
         pred = output[CommonKeys.PRED]
         if hasattr(pred, self.pred_field):
             output[CommonKeys.PRED] = getattr(pred, self.pred_field)
+        if self.mixup_labels is not None:  # training metrics score the dominant label of each mixed sample
+            output[CommonKeys.LABEL] = self.mixup_labels
 
     def epoch_completed(self, engine) -> None:
         if self._count:
@@ -287,22 +313,36 @@ class SelectOutputInferer(Inferer):
 
 
 class LCADBPrepareBatch(PrepareBatch):
-    """``image`` (and ``label`` when present) as plain tensors on the device.
+    """``image`` (and ``label`` when present) as plain tensors on the device, optionally mixed up.
 
     Plain tensors keep MONAI's per-operation metadata tracking out of the network (the loaded ``MetaTensor``
     stays in ``engine.state.batch`` for the writers).
+
+    With ``mixup_alpha > 0`` (training only: ``train#prepare_batch``), each batch is mixed with a shuffled copy of
+    itself (mixup, Zhang et al. 2018): ``x = l x_i + (1 - l) x_j`` with one ``l ~ Beta(alpha, alpha)`` per batch,
+    taken as ``max(l, 1 - l)`` so ``x_i`` dominates; the target is then ``[B, 3]`` float, rows ``(y_i, y_j, l)``,
+    which :class:`LCADBTrainingLoss` turns into ``l * loss(y_i) + (1 - l) * loss(y_j)``.
 
     Args:
         channels_last: put images in ``torch.channels_last_3d`` memory format; set it only on CUDA,
             where it helps convolutions, defaults to False.
         image_key: key of the network input, defaults to ``"image"``.
         label_key: key of the class index, defaults to ``"label"``.
+        mixup_alpha: Beta parameter of mixup; 0 (default) mixes nothing.
+
+    Raises:
+        ValueError: for a negative ``mixup_alpha``.
     """
 
-    def __init__(self, channels_last: bool = False, image_key: str = "image", label_key: str = "label") -> None:
+    def __init__(
+        self, channels_last: bool = False, image_key: str = "image", label_key: str = "label", mixup_alpha: float = 0.0
+    ) -> None:
+        if not mixup_alpha >= 0:
+            raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}.")
         self.channels_last = bool(channels_last)
         self.image_key = image_key
         self.label_key = label_key
+        self.mixup_alpha = float(mixup_alpha)
 
     def __call__(
         self,
@@ -322,7 +362,18 @@ class LCADBPrepareBatch(PrepareBatch):
             label = label.to(device=device, non_blocking=non_blocking).long()
         else:
             label = None
+        if self.mixup_alpha > 0 and label is not None:
+            image, label = self.mix(image, label.reshape(-1))
         return image, label
+
+    def mix(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup of a batch: the mixed images and the ``[B, 3]`` target ``(y_i, y_j, l)``."""
+        lam = float(np.random.beta(self.mixup_alpha, self.mixup_alpha))  # seeded by set_determinism
+        lam = max(lam, 1.0 - lam)
+        order = torch.randperm(image.shape[0], device=image.device)
+        mixed = lam * image + (1.0 - lam) * image[order]
+        weights = torch.full_like(label, lam, dtype=torch.float32)
+        return mixed, torch.stack([label.float(), label[order].float(), weights], dim=1)
 
 
 class AtomicDiskSaver(BaseSaveHandler):
