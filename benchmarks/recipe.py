@@ -295,7 +295,20 @@ def _specs(args: argparse.Namespace) -> list[dict]:
 def run_study(args: argparse.Namespace) -> None:
     runs = Path(args.work_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in _specs(args) if not (runs / f"{s['id']}.json").is_file()]
+    todo = []
+    for s in _specs(args):
+        done = runs / f"{s['id']}.json"
+        if not done.is_file():
+            todo.append(s)
+        # records from before PLAIN was written into every run hold only the variant's ids; the rest was PLAIN
+        elif (
+            s["override"]
+            and (earlier := {**PLAIN, **(json.loads(done.read_text()).get("override") or {})}) != s["override"]
+        ):
+            raise SystemExit(
+                f"{done} was run with other config ids ({earlier}) than this study asks for ({s['override']}): "
+                "use another --work_dir or remove the file."
+            )
     datasets = {s["dataset"] for s in todo}
     paths = {d: _dataset_dir(d, args.extra_cases, args.cache_dir) for d in datasets}
     for s in todo:
