@@ -169,6 +169,16 @@ def test_evaluate_workflow(trained, tmp_path, dataset):
     assert not (tmp_path / "models").exists()  # evaluation writes no checkpoint
     baseline = json.loads((out / "baseline" / "metrics.json").read_text())  # same command, same test split
     assert baseline["num_cases"] == 7 and (out / "baseline" / "LCADB_baseline.json").is_file()
+    fusion = json.loads((out / "fusion" / "metrics.json").read_text())  # fusion: true, the default
+    weight = fusion["fusion_weight"]
+    assert fusion["num_cases"] == 7 and 0.0 <= weight <= 1.0 and "validation" in fusion
+
+    def scores(path: Path) -> dict[str, np.ndarray]:
+        return {e["image_id"]: np.array(e["score"]) for e in json.loads(path.read_text())}
+
+    network, radiomics = scores(out / "LCADB.json"), scores(out / "baseline" / "LCADB_baseline.json")
+    for case, fused in scores(out / "fusion" / "LCADB_fusion.json").items():
+        np.testing.assert_allclose(fused, weight * network[case] + (1 - weight) * radiomics[case], atol=1e-4)
 
 
 def _read_predictions(out: Path) -> list[dict]:
