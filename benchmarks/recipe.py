@@ -361,11 +361,6 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
 
 
-def _fmt(values: Sequence[float]) -> str:
-    mean, sd, n = _mean_sd(values)
-    return f"{mean:.3f} ± {sd:.3f} (n={n})" if not math.isnan(sd) else f"{mean:.3f} (n=1)"
-
-
 def _ensemble(records: list[dict], checkpoint: str, split: str = "test") -> dict[str, list[float]]:
     cases = sorted(records[0]["probabilities"][checkpoint][split])
     return {c: np.mean([r["probabilities"][checkpoint][split][c] for r in records], axis=0).tolist() for c in cases}
